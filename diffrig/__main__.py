@@ -1,0 +1,3 @@
+from diffrig.cli import main
+
+raise SystemExit(main())

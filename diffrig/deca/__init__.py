@@ -1,0 +1,1 @@
+"""Our own DECA-compatible face rig: FLAME, albedo spaces, encoder, rasterizer, physical buffers."""

@@ -1,0 +1,1 @@
+"""The DiffusionRig denoiser: guided-diffusion UNet + ResNet global encoder, official conversion."""
