@@ -1,0 +1,168 @@
+"""The LMDB dataset on disk: a metadata record, one record per sample, resumable writing.
+
+Keys: ``__meta__`` (JSON, see :class:`DatasetMeta`), ``sample:00000042`` (a record from
+:mod:`diffrig.data.records`), ``name:<source file>`` (its sample index, for resuming).
+The dataset counts as usable only once the writer has marked it ``complete``.
+"""
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lmdb
+
+from diffrig.data.records import Sample, decode_sample, encode_sample
+from diffrig.errors import DataError
+
+SCHEMA = "diffrig.lmdb/1"
+META_KEY = b"__meta__"
+MAP_SIZE = 1 << 40  # address space only: LMDB files grow with their content
+
+
+@dataclass
+class DatasetMeta:
+    """What a reader needs to trust a dataset, and what a resumed writer must match."""
+
+    image_size: int
+    asset_fingerprint: str
+    codes_layout: dict  # {"shape": 100, "tex": 50, ...} in storage order
+    settings: dict = field(default_factory=dict)  # the options the data were made with
+    count: int = 0
+    complete: bool = False
+    schema: str = SCHEMA
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "DatasetMeta":
+        return cls(**json.loads(data))
+
+
+def sample_key(index: int) -> bytes:
+    return b"sample:%08d" % index
+
+
+def _name_key(name: str) -> bytes:
+    return b"name:" + name.encode("utf-8")
+
+
+def _open(path: Path, readonly: bool) -> lmdb.Environment:
+    try:
+        return lmdb.open(str(path), map_size=MAP_SIZE, readonly=readonly, lock=not readonly,
+                         readahead=False, meminit=False, max_readers=1024)
+    except lmdb.Error as error:
+        raise DataError(f"{path} is not a readable LMDB dataset ({error}); it may be corrupt or truncated: "
+                        "re-create it with scripts/create_data.py") from None
+
+
+class RecordWriter:
+    """Appends samples to a (possibly partly written) dataset. Re-opening a dataset made with the
+    same settings continues it; other settings are refused rather than mixed."""
+
+    def __init__(self, path, meta: DatasetMeta):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.env = _open(self.path, readonly=False)
+        with self.env.begin() as txn:
+            stored = txn.get(META_KEY)
+        if stored is None:
+            self.meta = meta
+            self._put_meta()
+            return
+        self.meta = DatasetMeta.from_bytes(stored)
+        mine = (meta.schema, meta.image_size, meta.asset_fingerprint, meta.codes_layout, meta.settings)
+        theirs = (self.meta.schema, self.meta.image_size, self.meta.asset_fingerprint,
+                  self.meta.codes_layout, self.meta.settings)
+        if mine != theirs:
+            raise DataError(f"{self.path} holds a dataset made with other settings; choose another output "
+                            "folder or delete it to start over")
+
+    @property
+    def count(self) -> int:
+        return self.meta.count
+
+    def has(self, name: str) -> bool:
+        with self.env.begin() as txn:
+            return txn.get(_name_key(name)) is not None
+
+    def append(self, samples: list[Sample]) -> None:
+        """Writes the samples and the new count in one transaction: a crash keeps all or none."""
+        with self.env.begin(write=True) as txn:
+            for sample in samples:
+                txn.put(sample_key(self.meta.count), encode_sample(sample))
+                txn.put(_name_key(sample.name), str(self.meta.count).encode())
+                self.meta.count += 1
+            txn.put(META_KEY, self.meta.to_bytes())
+
+    def finish(self) -> None:
+        self.meta.complete = True
+        self._put_meta()
+        self.env.sync(True)
+
+    def close(self) -> None:
+        self.env.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _put_meta(self) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(META_KEY, self.meta.to_bytes())
+
+
+class RecordReader:
+    """Random access to a complete dataset. Open one per process (LMDB handles do not survive fork)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_dir() or not (self.path / "data.mdb").is_file():
+            raise DataError(f"{self.path} is not an LMDB dataset folder; make one with scripts/create_data.py")
+        self.env = _open(self.path, readonly=True)
+        self.pid = os.getpid()
+        # A truncated file would crash the process (SIGBUS) on the first read of a missing page.
+        needed = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+        if (self.path / "data.mdb").stat().st_size < needed:
+            self.env.close()
+            raise DataError(f"{self.path} is truncated (data.mdb is shorter than its own index says); "
+                            "re-create it with scripts/create_data.py")
+        try:
+            with self.env.begin() as txn:
+                stored = txn.get(META_KEY)
+                official = stored is None and txn.get(b"length") is not None
+        except lmdb.Error as error:
+            raise DataError(f"{self.path} is corrupt or truncated ({error}); re-create it with "
+                            "scripts/create_data.py") from None
+        if official:
+            raise DataError(f"{self.path} is in the official DiffusionRig format (pickled tensors), which "
+                            "diffrig does not unpickle; re-create it with scripts/create_data.py")
+        if stored is None:
+            raise DataError(f"{self.path} has no diffrig metadata; re-create it with scripts/create_data.py")
+        self.meta = DatasetMeta.from_bytes(stored)
+        if self.meta.schema != SCHEMA:
+            raise DataError(f"{self.path} has schema {self.meta.schema!r}; this diffrig reads {SCHEMA!r}")
+        if not self.meta.complete:
+            raise DataError(f"{self.path} was not finished ({self.meta.count} samples so far); re-run "
+                            "scripts/create_data.py with the same arguments to complete it")
+
+    def __len__(self) -> int:
+        return self.meta.count
+
+    def __getitem__(self, index: int) -> Sample:
+        if not 0 <= index < self.meta.count:
+            raise IndexError(index)
+        try:
+            with self.env.begin(buffers=False) as txn:
+                data = txn.get(sample_key(index))
+        except lmdb.Error as error:
+            raise DataError(f"{self.path}: reading sample {index} failed ({error}); the dataset is corrupt") from None
+        if data is None:
+            raise DataError(f"{self.path} lacks sample {index}; the dataset is truncated: re-create it")
+        return decode_sample(data, where=f"{self.path} sample {index}")
+
+    def close(self) -> None:
+        self.env.close()

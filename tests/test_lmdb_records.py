@@ -1,0 +1,183 @@
+"""LMDB records: round trip, compactness, no pickle, resume, corruption, datasets and sharding."""
+
+import io
+import pickle
+import pickletools
+
+import safetensors.torch
+
+import lmdb
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from diffrig.data.datasets import AlbumDataset, LmdbDataset, ShardedInfiniteSampler
+from diffrig.data.lmdb_store import DatasetMeta, RecordReader, RecordWriter, sample_key
+from diffrig.data.records import Sample, decode_sample, encode_sample
+from diffrig.errors import DataError
+
+LAYOUT = {"shape": 100, "tex": 50, "exp": 50, "pose": 6, "cam": 3, "light": 27}
+
+
+def sphere_sample(size=64, seed=0, name="a.png") -> Sample:
+    """A lit sphere: buffers shaped like DECA's (masked, normals in [-1,1], rendered may exceed 1)."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    r2 = xs**2 + ys**2
+    mask = (r2 < 0.8).float()
+    normal = torch.stack([xs, -ys, (1 - r2).clamp_min(0).sqrt()]) * mask
+    albedo = (torch.stack([0.8 + 0.1 * xs, 0.6 + 0.1 * ys, 0.5 + 0 * xs]) + 0.05 * torch.rand(1, generator=g)) * mask
+    shading = (0.9 + 0.7 * normal[2:3] + 0.3 * normal[0:1])
+    rendered = albedo * shading
+    image = ((rendered.clamp(0, 1) * 0.8 + 0.1) * 255).round().to(torch.uint8)
+    return Sample(name=name, image=image, buffers=torch.cat([rendered, normal, albedo]),
+                  codes=torch.randn(236, generator=g), tform=torch.eye(3) * 1.5)
+
+
+def is_pickle(data: bytes) -> bool:
+    try:
+        ops = [op.name for op, _, _ in pickletools.genops(io.BytesIO(data))]
+    except Exception:
+        return False
+    return ops[-1] == "STOP"
+
+
+def make_meta(**kw) -> DatasetMeta:
+    base = dict(image_size=64, asset_fingerprint="abc123", codes_layout=LAYOUT, settings={"use_meanshape": False})
+    base.update(kw)
+    return DatasetMeta(**base)
+
+
+def write_dataset(path, n=6, size=64, finish=True):
+    with RecordWriter(path, make_meta(image_size=size)) as writer:
+        writer.append([sphere_sample(size, seed=i, name=f"img{i:02d}.png") for i in range(n)])
+        if finish:
+            writer.finish()
+
+
+def test_record_round_trip_within_quantisation():
+    sample = sphere_sample(64)
+    back = decode_sample(encode_sample(sample))
+    assert back.name == "a.png"
+    assert torch.equal(back.image, sample.image)
+    assert torch.equal(back.codes, sample.codes) and torch.equal(back.tform, sample.tform)
+    err = (back.buffers - sample.buffers).abs().amax(dim=(1, 2))
+    span = sample.buffers.amax(dim=(1, 2)) - sample.buffers.amin(dim=(1, 2))
+    assert (err <= span / 65535 * 0.5 + 1e-6).all()
+    assert err.max() < 1 / 255
+    assert sample.buffers[:3].max() > 1.0  # rendered above 1 survives (no clipping)
+
+
+def test_record_is_compact_and_has_no_pickle():
+    sample = sphere_sample(256)
+    data = encode_sample(sample)
+    png = io.BytesIO()
+    Image.fromarray(sample.image.permute(1, 2, 0).numpy()).save(png, format="png")
+    official = len(png.getvalue()) + sum(
+        len(pickle.dumps(sample.buffers[i : i + 3].clone())) for i in (0, 3, 6)
+    )
+    assert len(data) <= 0.25 * official, (len(data), official)
+    # a safetensors blob (JSON header + raw bytes) with PNG payloads: nothing for pickle to run
+    assert set(safetensors.torch.load(data)) == {"image.png", "buffers.png", "buffers.range", "codes", "tform"}
+    assert not is_pickle(data)
+
+
+def test_writer_reader_and_metadata(tmp_path):
+    path = tmp_path / "ds.lmdb"
+    write_dataset(path, n=5)
+    reader = RecordReader(path)
+    assert len(reader) == 5 and reader.meta.complete and reader.meta.codes_layout == LAYOUT
+    assert reader[3].name == "img03.png"
+    with pytest.raises(IndexError):
+        reader[5]
+    reader.close()
+    env = lmdb.open(str(path), readonly=True, lock=False)
+    with env.begin() as txn:
+        for key, value in txn.cursor():
+            assert not is_pickle(value), key
+
+
+def test_resume_after_crash(tmp_path):
+    path = tmp_path / "ds.lmdb"
+    write_dataset(path, n=3, finish=False)  # "crash": never finished
+    with pytest.raises(DataError, match="not finished"):
+        RecordReader(path)
+    with RecordWriter(path, make_meta()) as writer:
+        assert writer.count == 3 and writer.has("img02.png") and not writer.has("img03.png")
+        writer.append([sphere_sample(64, seed=i, name=f"img{i:02d}.png") for i in range(3, 6)])
+        writer.finish()
+    reader = RecordReader(path)
+    assert [reader[i].name for i in range(len(reader))] == [f"img{i:02d}.png" for i in range(6)]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    path = tmp_path / "ds.lmdb"
+    write_dataset(path, n=1, finish=False)
+    with pytest.raises(DataError, match="other settings"):
+        RecordWriter(path, make_meta(settings={"use_meanshape": True}))
+
+
+def test_missing_truncated_and_official_datasets_fail_clearly(tmp_path):
+    with pytest.raises(DataError, match="not an LMDB dataset"):
+        RecordReader(tmp_path / "nope.lmdb")
+    path = tmp_path / "ds.lmdb"
+    write_dataset(path, n=4)
+    data = (path / "data.mdb").read_bytes()
+    (path / "data.mdb").write_bytes(data[: len(data) // 3])
+    with pytest.raises(DataError):
+        reader = RecordReader(path)
+        [reader[i] for i in range(len(reader))]
+    official = tmp_path / "official.lmdb"
+    env = lmdb.open(str(official))
+    with env.begin(write=True) as txn:
+        txn.put(b"length", b"1")
+    env.close()
+    with pytest.raises(DataError, match="official DiffusionRig format"):
+        RecordReader(official)
+
+
+def test_corrupt_record_fails_clearly(tmp_path):
+    path = tmp_path / "ds.lmdb"
+    write_dataset(path, n=2)
+    env = lmdb.open(str(path))
+    with env.begin(write=True) as txn:
+        txn.put(sample_key(1), b"garbage")
+    env.close()
+    reader = RecordReader(path)
+    reader[0]
+    with pytest.raises(DataError, match="corrupt"):
+        reader[1]
+
+
+def test_datasets_yield_training_items(tmp_path):
+    path = tmp_path / "ds.lmdb"
+    write_dataset(path, n=4)
+    for dataset in (LmdbDataset(path), AlbumDataset(path)):
+        item = dataset[2]
+        assert item["image"].shape == (3, 64, 64) and item["buffers"].shape == (9, 64, 64)
+        assert item["image"].min() >= -1 and item["image"].max() <= 1
+        assert item["codes"].shape == (236,)
+        ref = sphere_sample(64, seed=2)
+        assert (item["buffers"] - ref.buffers).abs().max() < 1 / 255
+
+
+def test_lmdb_dataset_with_worker_processes(tmp_path):
+    path = tmp_path / "ds.lmdb"
+    write_dataset(path, n=6)
+    loader = DataLoader(LmdbDataset(path), batch_size=3, num_workers=2)
+    batches = list(loader)
+    assert len(batches) == 2 and batches[0]["buffers"].shape == (3, 9, 64, 64)
+
+
+def test_sharding_across_two_processes_has_no_duplicates():
+    length = 11
+    shards = [ShardedInfiniteSampler(length, r, 2, seed=3) for r in range(2)]
+    for epoch in range(3):
+        a, b = (s.epoch_indices(epoch) for s in shards)
+        assert len(a) == len(b) == 5
+        assert not set(a) & set(b)
+    assert shards[0].epoch_indices(0) != shards[0].epoch_indices(1)  # reshuffled each epoch
+    stream = iter(shards[1])
+    first_two_epochs = [next(stream) for _ in range(10)]
+    assert first_two_epochs == shards[1].epoch_indices(0) + shards[1].epoch_indices(1)
