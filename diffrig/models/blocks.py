@@ -1,0 +1,148 @@
+"""Building blocks of the guided-diffusion UNet used by DiffusionRig.
+
+Every block is shape-static (no branches on tensor values), works on ``channels_last``
+tensors and under bf16/fp16 autocast, so the UNet can be wrapped by ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GROUPS = 32
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm with 32 groups, computed in float32 and returned in the input's dtype.
+
+    Normalising in float32 keeps low-precision training stable; returning the input dtype
+    keeps bf16 activations bf16 (plain ``nn.GroupNorm`` under autocast returns float32).
+    """
+
+    def __init__(self, channels: int):
+        super().__init__(GROUPS, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+        return out.to(x.dtype)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters, so that a residual branch starts as the identity."""
+    for parameter in module.parameters():
+        nn.init.zeros_(parameter)
+    return module
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour ×2 upsampling, optionally followed by a 3×3 convolution."""
+
+    def __init__(self, channels: int, use_conv: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, 2H, 2W)."""
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return x if self.conv is None else self.conv(x)
+
+
+class Downsample(nn.Module):
+    """×2 downsampling: a stride-2 3×3 convolution, or 2×2 average pooling without one."""
+
+    def __init__(self, channels: int, use_conv: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H/2, W/2)."""
+        return F.avg_pool2d(x, 2) if self.conv is None else self.conv(x)
+
+
+class ResBlock(nn.Module):
+    """Residual block modulated by the timestep embedding, then by the global latent.
+
+    ``h = conv1(silu(norm1(x)))`` (resampled between the activation and the convolution
+    when ``up``/``down``), then ``h = norm2(h)``, ``h = h·(1 + s_t) + b_t`` with
+    ``(s_t, b_t) = time_emb_proj(silu(emb))``, ``h = h·(1 + s_z) + b_z`` with
+    ``(s_z, b_z) = latent_emb_proj(silu(latent))``, ``h = conv2(dropout(silu(h)))`` (zero-
+    initialised), output ``shortcut(x) + h``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        time_embed_dim: int,
+        latent_dim: int,
+        dropout: float,
+        up: bool = False,
+        down: bool = False,
+    ):
+        super().__init__()
+        if up and down:
+            raise ValueError("a ResBlock resamples up or down, not both")
+        self.norm1 = GroupNorm32(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(time_embed_dim, 2 * out_channels)
+        self.latent_emb_proj = nn.Linear(latent_dim, 2 * out_channels)
+        self.norm2 = GroupNorm32(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        if up:
+            self.resample = Upsample(in_channels, use_conv=False)
+        elif down:
+            self.resample = Downsample(in_channels, use_conv=False)
+        else:
+            self.resample = None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """x (B, C_in, H, W), emb (B, time_embed_dim), latent (B, latent_dim) -> (B, C_out, H', W')."""
+        h = F.silu(self.norm1(x))
+        if self.resample is not None:
+            h = self.resample(h)
+            x = self.resample(x)
+        h = self.norm2(self.conv1(h))
+        time_scale, time_shift = self.time_emb_proj(F.silu(emb)).to(h.dtype)[:, :, None, None].chunk(2, dim=1)
+        h = h * (1 + time_scale) + time_shift
+        latent_scale, latent_shift = self.latent_emb_proj(F.silu(latent)).to(h.dtype)[:, :, None, None].chunk(2, dim=1)
+        h = h * (1 + latent_scale) + latent_shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return shortcut + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over all spatial positions, through ``scaled_dot_product_attention``.
+
+    ``to_qkv`` produces, per position, the channels in the official layout: with
+    ``legacy_order`` (guided-diffusion's default) head-major ``[h0: q k v, h1: q k v, ...]``,
+    otherwise ``[q: h0 h1 ..., k: ..., v: ...]``. Output: ``x + to_out(attention(norm(x)))``
+    with ``to_out`` zero-initialised.
+    """
+
+    def __init__(self, channels: int, num_heads: int, legacy_order: bool = True):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"attention over {channels} channels cannot be split into {num_heads} heads")
+        self.num_heads = num_heads
+        self.legacy_order = legacy_order
+        self.norm = GroupNorm32(channels)
+        self.to_qkv = nn.Linear(channels, 3 * channels)
+        self.to_out = zero_init(nn.Linear(channels, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
+        b, c, height, width = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, T, C)
+        qkv = self.to_qkv(tokens)  # (B, T, 3C)
+        head_dim = c // self.num_heads
+        if self.legacy_order:
+            q, k, v = qkv.view(b, -1, self.num_heads, 3, head_dim).unbind(dim=3)
+        else:
+            q, k, v = qkv.view(b, -1, 3, self.num_heads, head_dim).unbind(dim=2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = self.to_out(out.transpose(1, 2).reshape(b, -1, c))  # (B, T, C)
+        return x + out.transpose(1, 2).reshape(b, c, height, width)
