@@ -186,6 +186,11 @@ def test_batched_faces_and_per_mesh_face_indices():
     assert frags.pix_to_face.shape == (2, size, size)
     assert frags.pix_to_face[0, 0, 0] == 0 and frags.pix_to_face[0, 7, 7] == -1
     assert frags.pix_to_face[1, 7, 7] == 0 and frags.pix_to_face[1, 0, 0] == -1
+    # Per-mesh attributes are read from each mesh's own faces.
+    attrs = torch.tensor([2.0, -3.0]).view(2, 1, 1, 1).expand(2, 1, 3, 1)
+    image = interpolate_face_attributes(frags, attrs)[:, 0]
+    assert torch.allclose(image[0][frags.pix_to_face[0] >= 0], torch.tensor(2.0))
+    assert torch.allclose(image[1][frags.pix_to_face[1] >= 0], torch.tensor(-3.0))
 
 
 def test_interpolate_face_attributes_is_barycentric_and_zero_outside():
