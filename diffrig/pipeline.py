@@ -1,0 +1,620 @@
+"""RigEditPipeline: edit photos of a person by re-rendering their DECA rig and denoising.
+
+The data flow is the official inference's (``scripts/inference.py`` of DiffusionRig):
+
+1. each source photo is FFHQ-aligned at the model's size (photos already of that size are taken
+   as aligned), cropped for DECA (:mod:`diffrig.data.crop`) and encoded into :class:`RigCodes`;
+2. per edit mode, some codes are swapped for the target's (:func:`edit_codes`) or set by hand
+   (:class:`diffrig.rigs.HandRig`); with an album mean shape, every edit uses it;
+3. the edited rig is rendered into the aligned frame, translated so its FFHQ centre stays where
+   the source's own face was (the face does not drift when the head turns);
+4. the buffers and the source's global latent (the target's for ``latent``) condition DDIM,
+   which starts from one seeded noise shared by every photo and edit (as the official script),
+   or, with ``invert=True``, from the source's own DDIM inversion under its unedited buffers,
+   which keeps hair, background and clothes.
+
+Modes: ``pose`` (global head rotation from the target), ``light`` (SH light), ``expression``
+(alias ``exp``: expression coefficients and jaw pose), ``latent`` (global latent), and ``rig``
+for a hand-set :class:`~diffrig.rigs.HandRig` (no target needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffrig import diffusion
+from diffrig.deca.codes import CODE_SIZES, RigCodes
+from diffrig.errors import CheckpointError, DataError, DiffrigError
+from diffrig.rigs import HandRig
+
+MODES = ("pose", "light", "expression", "latent")
+MODE_ALIASES = {"exp": "expression"}
+RIG_MODE = "rig"  # the hand-set edit
+ALIGN_CHOICES = ("auto", "always", "never")
+# Start edits from the source's DDIM inversion rather than the official shared seeded noise;
+# chosen by the synthetic world's measurements (scripts/demo.py, see the README).
+DEFAULT_INVERT = False
+MESSAGE_MODES = ", ".join([*MODES, "exp"])
+
+
+def parse_modes(modes: str | Sequence[str]) -> list[str]:
+    """Mode names, separated by commas and/or spaces or given as a list, aliases resolved, each once.
+
+    ``"pose,light exp"`` -> ``["pose", "light", "expression"]``. Unknown names raise DiffrigError.
+    """
+    items = [modes] if isinstance(modes, str) else list(modes)
+    names = []
+    for item in items:
+        for part in str(item).replace(",", " ").split():
+            name = MODE_ALIASES.get(part.lower(), part.lower())
+            if name not in MODES:
+                raise DiffrigError(f"unknown edit mode {part!r}: use {MESSAGE_MODES}")
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _broadcast(codes: RigCodes, batch: int) -> RigCodes:
+    """Codes of 1 face repeated for ``batch`` faces (or the codes themselves when they hold ``batch``)."""
+    if codes.batch_size == batch:
+        return codes
+    if codes.batch_size != 1:
+        raise DiffrigError(f"{codes.batch_size} target rigs for {batch} sources: give one target, or one per source")
+    return codes.map(lambda t: t.expand(batch, *t.shape[1:]))
+
+
+def edit_codes(source: RigCodes, target: RigCodes | None, mode: str) -> RigCodes:
+    """The source's codes with those that ``mode`` names taken from the target (a new record).
+
+    pose: global rotation ``pose[:, :3]``; light: ``light``; expression: ``exp`` and the jaw
+    ``pose[:, 3:]``; latent: nothing (the global latent changes instead). target: 1 face, or as
+    many as the source.
+    """
+    mode = MODE_ALIASES.get(mode, mode)
+    if mode not in MODES:
+        raise DiffrigError(f"unknown edit mode {mode!r}: use {MESSAGE_MODES}")
+    edited = source.clone()
+    if mode == "latent":
+        return edited
+    if target is None:
+        raise DiffrigError(f"the {mode!r} edit takes its {mode} from a target photo: give one")
+    target = _broadcast(target.to(source.pose.device), source.batch_size)
+    if mode == "pose":
+        edited.pose[:, :3] = target.pose[:, :3]
+    elif mode == "light":
+        edited.light = target.light.clone()
+    else:
+        edited.exp = target.exp.clone()
+        edited.pose[:, 3:] = target.pose[:, 3:]
+    return edited
+
+
+def read_meanshape(path: str | Path) -> torch.Tensor:
+    """An album's mean FLAME shape (1, 100) from a file.
+
+    Reads safetensors (one tensor, or the key ``shape`` / ``mean_shape``), ``.npy`` (no pickle),
+    and the official ``mean_shape.pkl`` (a pickled torch tensor, read through the restricted
+    unpickler: nothing in it is run).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"mean shape file {path} not found: give the file that create_data wrote for the album")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+            key = next((k for k in ("shape", "mean_shape") if k in tensors), None)
+            if key is None and len(tensors) == 1:
+                key = next(iter(tensors))
+            if key is None:
+                raise DataError(f"{path} holds {sorted(tensors)}; expected one tensor or a 'shape' entry")
+            value = tensors[key]
+        elif suffix == ".npy":
+            value = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            from diffrig.deca.safe_pickle import LANDMARK_GLOBALS, restricted_load
+
+            value = restricted_load(path, LANDMARK_GLOBALS)
+    except DiffrigError:
+        raise
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot read the mean shape {path}: {error}") from error
+    value = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+    size = CODE_SIZES["shape"]
+    if value.numel() != size:
+        raise DataError(f"{path} holds {value.numel()} values; a mean shape has {size} FLAME shape coefficients")
+    return value.detach().reshape(1, size).float().clone()
+
+
+@dataclass
+class Portraits:
+    """Aligned photos with their rigs.
+
+    images (B, 3, S, S) in [0, 1]; codes: B faces; tforms (B, 3, 3): DECA crop transforms
+    (aligned-photo pixel -> crop pixel); names: one per photo (output file stems).
+    """
+
+    images: torch.Tensor
+    codes: RigCodes
+    tforms: torch.Tensor
+    names: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.names:
+            self.names = [f"{i:04d}" for i in range(self.images.shape[0])]
+        if not (self.images.shape[0] == self.codes.batch_size == self.tforms.shape[0] == len(self.names)):
+            raise ValueError("images, codes, tforms and names must describe the same photos")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: slice | int) -> Portraits:
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return Portraits(self.images[index], self.codes[index], self.tforms[index], self.names[index])
+
+
+@dataclass
+class EditResult:
+    """What :meth:`RigEditPipeline.edit` made, keyed by mode (``rig`` for a hand-set edit).
+
+    edits[mode] (B, 3, S, S) in [0, 1]; buffers[mode] (B, 9, S, S) as the UNet saw them;
+    masks[mode] (B, 1, S, S) where the edited rig covers the picture; codes[mode] the edited codes.
+    """
+
+    sources: Portraits
+    target: Portraits | None
+    edits: dict[str, torch.Tensor] = field(default_factory=dict)
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    codes: dict[str, RigCodes] = field(default_factory=dict)
+
+    @property
+    def modes(self) -> list[str]:
+        return list(self.edits)
+
+    def grid(self) -> torch.Tensor:
+        """(3, H, W) in [0, 1]: one row per source: source | target | each edit's shaded render | each result."""
+        from torchvision.utils import make_grid
+
+        size = self.sources.images.shape[-1]
+        tiles = []
+        for i in range(len(self.sources)):
+            target = self.target.images[min(i, len(self.target) - 1)] if self.target is not None else None
+            row = [self.sources.images[i], target if target is not None else torch.ones(3, size, size)]
+            row += [self.buffers[mode][i, :3].clamp(0, 1) for mode in self.modes]
+            row += [self.edits[mode][i] for mode in self.modes]
+            tiles += [tile.detach().float().cpu() for tile in row]
+        return make_grid(torch.stack(tiles), nrow=2 + 2 * len(self.modes), padding=2, pad_value=1.0)
+
+
+def save_png(image: torch.Tensor, path: str | Path) -> Path:
+    """Write (3, H, W) in [0, 1] as an 8-bit RGB PNG."""
+    path = Path(path)
+    pixels = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="PNG")
+    return path
+
+
+def load_model(model_path: str | Path, **architecture):
+    """A :class:`DiffusionRigModel` from a model folder (``save_pretrained``) or an official ``model*.pt``.
+
+    ``architecture`` (official option names) applies to official checkpoints only.
+    """
+    from diffrig.models import DiffusionRigModel, load_official_checkpoint
+
+    path = Path(model_path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} is not a diffrig model folder (no config.json): give the folder "
+                                  "training wrote, or an official model*.pt")
+        try:
+            return DiffusionRigModel.from_pretrained(path)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"cannot load the model in {path}: {str(error).splitlines()[0]}") from error
+    if not path.exists():
+        raise CheckpointError(f"model {path} not found: give a model folder or an official model*.pt")
+    return load_official_checkpoint(path, **architecture)
+
+
+class RigEditPipeline:
+    """Photos + a DiffusionRig model + a DECA rig -> edited photos (see the module docstring).
+
+    model: :class:`~diffrig.models.DiffusionRigModel` (or anything with its call convention and
+    ``encode_latent``); deca: :class:`~diffrig.deca.rig.DECA`; meanshape: (1, 100) album mean
+    shape or None; schedule: the model's noise schedule (the official 1000-step one by default).
+    """
+
+    def __init__(self, model, deca, meanshape: torch.Tensor | None = None,
+                 schedule: diffusion.NoiseSchedule | None = None):
+        self.model = model.eval()
+        self.deca = deca
+        self.meanshape = None if meanshape is None else meanshape.reshape(1, -1).float()
+        self.schedule = schedule or diffusion.make_schedule()
+        self.denoiser = self.model  # what sampling calls; enable_fast_sampling swaps it
+        self._graphs: dict = {}
+        self._fast: dict | None = None
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | Path, deca_dir: str | Path | None = None,
+                        meanshape: str | Path | torch.Tensor | None = None, device: str | torch.device = "cpu",
+                        **architecture) -> RigEditPipeline:
+        """Load a model (folder or official ``.pt``, see :func:`load_model`), a DECA folder
+        (``"builtin"``, a path, or None for the default) and optionally a mean shape file."""
+        from diffrig.deca.rig import DECA
+
+        model = load_model(model_path, **architecture)
+        deca = DECA.from_dir(deca_dir)
+        if meanshape is not None and not isinstance(meanshape, torch.Tensor):
+            meanshape = read_meanshape(meanshape)
+        return cls(model, deca, meanshape).to(device)
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.config.image_size)
+
+    def to(self, device: str | torch.device) -> RigEditPipeline:
+        self.model.to(device)
+        if self.deca is not None:
+            self.deca.to(device)
+        self._graphs.clear()
+        return self
+
+    # --- photos to rigs -----------------------------------------------------------------------
+
+    def read_photos(self, paths: Sequence[str | Path], align: str = "auto", codes: str = "deca",
+                    ) -> tuple[Portraits | None, list[tuple[str, str]]]:
+        """Load, align, crop and encode photos, as ``create_data`` prepares training photos.
+
+        align: "auto" aligns photos that are not square (square ones are taken as aligned and
+        resized to ``image_size``², as ``create_data`` does), "always" aligns every photo, "never"
+        refuses photos that are not square. codes: "deca" (DECA's encoder on the crop) or
+        "ground_truth" (a synthetic portrait's ``x.codes.safetensors`` sidecar).
+        Returns the portraits (None when no photo could be used) and (path, reason) per rejected photo.
+        """
+        images, tforms, flat_codes, names, failures = [], [], [], [], []
+        for path in paths:
+            try:
+                image, tform, flat = load_photo(path, self.image_size, align, codes)
+            except DiffrigError as error:
+                failures.append((str(path), getattr(error, "reason", str(error))))
+                continue
+            images.append(image)
+            tforms.append(tform)
+            flat_codes.append(flat)
+            names.append(Path(path).stem)
+        if not images:
+            return None, failures
+        images = torch.stack(images).to(self.device)
+        tforms = torch.stack(tforms).to(self.device)
+        if codes == "ground_truth":
+            rig = RigCodes.from_flat(torch.stack(flat_codes).to(self.device))
+        else:
+            rig = self.encode(images, tforms)
+        return Portraits(images, rig, tforms, names), failures
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, tforms: torch.Tensor) -> RigCodes:
+        """DECA codes of aligned images (B, 3, S, S) in [0, 1] with crop transforms (B, 3, 3)."""
+        from diffrig.data.crop import crop_images
+
+        return self.deca.encode(crop_images(images.to(self.device), tforms.to(self.device)))
+
+    # --- rigs to buffers ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def render(self, codes: RigCodes, tforms: torch.Tensor, ffhq_center: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffers (B, 9, S, S) and coverage (B, 1, S, S) of codes in the aligned frame."""
+        size = self.image_size
+        out = self.deca.decode(codes.to(self.device), size=(size, size), tform=tforms.to(self.device),
+                               ffhq_center=ffhq_center)
+        return out.buffers, out.alpha
+
+    def with_meanshape(self, codes: RigCodes) -> RigCodes:
+        """The codes on this pipeline's device, with the album mean shape when there is one."""
+        codes = codes.to(self.device)
+        if self.meanshape is None:
+            return codes
+        return codes.replace(shape=self.meanshape.to(codes.shape).expand(codes.batch_size, -1).clone())
+
+    def edited_codes(self, sources: Portraits, target: Portraits | None, modes: Sequence[str],
+                     rig: HandRig | None = None) -> dict[str, RigCodes]:
+        """mode -> the sources' codes after that edit (mean shape applied when the pipeline has one)."""
+        base = self.with_meanshape(sources.codes)
+        target_codes = None if target is None else target.codes
+        out = {mode: edit_codes(base, target_codes, mode) for mode in parse_modes(modes)}
+        if rig is not None and not rig.is_empty:
+            out[RIG_MODE] = rig.apply(base)
+        return out
+
+    # --- sampling -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
+        """Global latents (B, latent_dim) of images (B, 3, S, S) in [0, 1]."""
+        return self.model.encode_latent(images.to(self.device) * 2 - 1)
+
+    def noise(self, batch: int, seed: int = 0) -> torch.Tensor:
+        """The official noise: one seeded (1, 3, S, S) draw, shared by the whole batch -> (B, 3, S, S)."""
+        size = self.image_size
+        return diffusion.seeded_noise((1, 3, size, size), seed, device=self.device).expand(batch, -1, -1, -1)
+
+    @torch.no_grad()
+    def generate(self, buffers: torch.Tensor, latent: torch.Tensor, noise: torch.Tensor | None = None,
+                 num_inference_steps: int = 20, scheduler: str = diffusion.EXACT_DDIM,
+                 timestep_respacing: str | None = None, seed: int = 0, generator: torch.Generator | None = None,
+                 progress: bool = False) -> torch.Tensor:
+        """Raw sampling: buffers (B, 9, S, S), latent (B, latent_dim), noise x_T (B, 3, S, S) (default:
+        :meth:`noise` of ``seed``) -> images (B, 3, S, S) in [-1, 1].
+
+        ``scheduler`` "ddim" is the official deterministic DDIM over the official spacing
+        ("ddim20" = 20 steps; ``timestep_respacing`` overrides ``num_inference_steps``); other
+        names pick a diffusers scheduler (:data:`diffrig.diffusion.SCHEDULER_ALIASES`).
+        """
+        buffers, latent = buffers.to(self.device), latent.to(self.device)
+        if noise is None:
+            noise = self.noise(buffers.shape[0], seed)
+        noise = noise.to(self.device)
+        exact = isinstance(scheduler, str) and scheduler.lower() == diffusion.EXACT_DDIM
+        if exact and self._fast is not None and self._fast["cuda_graphs"] and noise.is_cuda:
+            steps = diffusion._ddim_timesteps(self.schedule, num_inference_steps, timestep_respacing)
+            return self._graphed_ddim(noise, buffers, latent, steps)
+        return diffusion.sample(self.denoiser, buffers, latent, noise, num_inference_steps, scheduler,
+                                self.schedule, timestep_respacing, generator=generator, progress=progress)
+
+    @torch.no_grad()
+    def invert(self, images: torch.Tensor, buffers: torch.Tensor, latent: torch.Tensor,
+               num_inference_steps: int = 20, timestep_respacing: str | None = None) -> torch.Tensor:
+        """DDIM inversion of images (B, 3, S, S) in [0, 1] under their buffers -> x_T (B, 3, S, S)."""
+        return diffusion.ddim_invert(self.denoiser, images.to(self.device) * 2 - 1, buffers.to(self.device),
+                                     latent.to(self.device), num_inference_steps, self.schedule, timestep_respacing)
+
+    @torch.no_grad()
+    def edit(self, sources: Portraits, target: Portraits | None = None, modes: str | Sequence[str] = (),
+             rig: HandRig | None = None, invert: bool = DEFAULT_INVERT, num_inference_steps: int = 20,
+             scheduler: str = diffusion.EXACT_DDIM, timestep_respacing: str | None = None, seed: int = 0,
+             batch_size: int = 8, progress: bool = False) -> EditResult:
+        """Edit every source by every mode (and the hand-set ``rig``), ``batch_size`` images at a time.
+
+        invert: start each source's edits from its DDIM inversion under its own (unedited)
+        buffers and latent instead of the shared seeded noise; needs the "ddim" scheduler.
+        """
+        codes = self.edited_codes(sources, target, modes, rig)
+        if not codes:
+            raise DiffrigError("nothing to edit: give modes (with a target photo) or a hand-set rig")
+        if "latent" in codes and target is None:
+            raise DiffrigError("the 'latent' edit takes the global latent of a target photo: give one")
+        exact = isinstance(scheduler, str) and scheduler.lower() == diffusion.EXACT_DDIM
+        if invert and not exact:
+            raise DiffrigError("inversion is DDIM's: use scheduler 'ddim' with invert")
+        batch = len(sources)
+        tforms = sources.tforms.to(self.device)
+        centre = self.deca.ffhq_center(sources.codes.to(self.device))  # the source's own face, own shape
+        latent = self.encode_latent(sources.images)
+        if invert:
+            own_buffers, _ = self.render(self.with_meanshape(sources.codes), tforms, centre)
+            start = self.invert(sources.images, own_buffers, latent, num_inference_steps, timestep_respacing)
+        else:
+            start = self.noise(batch, seed)
+
+        result = EditResult(sources=sources, target=target)
+        jobs = []
+        for mode, edited in codes.items():
+            buffers, mask = self.render(edited, tforms, centre)
+            mode_latent = latent
+            if mode == "latent":
+                mode_latent = self.encode_latent(target.images).expand(batch, -1) if len(target) == 1 \
+                    else self.encode_latent(target.images)
+            result.buffers[mode], result.masks[mode], result.codes[mode] = buffers, mask, edited
+            jobs.append((mode, buffers, mode_latent))
+
+        all_buffers = torch.cat([job[1] for job in jobs])
+        all_latents = torch.cat([job[2] for job in jobs])
+        all_starts = start.repeat(len(jobs), 1, 1, 1)
+        samples = []
+        for first in range(0, all_buffers.shape[0], batch_size):
+            chunk = slice(first, first + batch_size)
+            samples.append(self.generate(all_buffers[chunk], all_latents[chunk], all_starts[chunk],
+                                         num_inference_steps, scheduler, timestep_respacing, progress=progress))
+        images = ((torch.cat(samples) + 1) / 2).clamp(0, 1)
+        for index, (mode, _, _) in enumerate(jobs):
+            result.edits[mode] = images[index * batch:(index + 1) * batch]
+        return result
+
+    # --- speed --------------------------------------------------------------------------------
+
+    def enable_fast_sampling(self, dtype: torch.dtype | None = torch.bfloat16, channels_last: bool = True,
+                             compile: bool = False, cuda_graphs: bool = True) -> RigEditPipeline:
+        """Sample faster on CUDA: autocast to ``dtype`` (None keeps float32), channels-last weights,
+        optionally ``torch.compile``, and the whole DDIM loop replayed as one CUDA graph per batch
+        shape (captured on first use). Without CUDA only the precision setting applies."""
+        self.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        forward = torch.compile(self.model, dynamic=False) if compile else self.model
+        self.denoiser = _AutocastDenoiser(forward, dtype)
+        self._fast = {"cuda_graphs": cuda_graphs}
+        self._graphs.clear()
+        return self
+
+    def _graphed_ddim(self, noise, buffers, latent, steps: list[int]) -> torch.Tensor:
+        key = (tuple(noise.shape), tuple(buffers.shape), tuple(latent.shape), noise.dtype, tuple(steps))
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = _GraphedLoop(self.denoiser, self.schedule, steps, noise, buffers, latent)
+        return graph(noise, buffers, latent)
+
+
+def ddim_loop(denoiser, noise, buffers, latent, steps: list[int], schedule: diffusion.NoiseSchedule,
+              timesteps: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """:func:`diffrig.diffusion.sample` with the "ddim" scheduler over the kept ``steps`` (ascending),
+    with the timestep tensors made beforehand (``timesteps[i]`` (B,) for ``steps[i]``), so that the
+    loop issues no host-to-device copy and can be captured as a CUDA graph."""
+    if timesteps is None:
+        timesteps = [torch.full((noise.shape[0],), t, dtype=torch.long, device=noise.device) for t in steps]
+    x = noise
+    previous = [-1] + steps[:-1]
+    for index in reversed(range(len(steps))):
+        eps = denoiser(x, timesteps[index], buffers, latent=latent)
+        x, _ = diffusion.ddim_step(x, eps, schedule.alpha_bar(steps[index]), schedule.alpha_bar(previous[index]))
+    return x
+
+
+class _AutocastDenoiser(torch.nn.Module):
+    """The model's call convention under autocast; returns ε in the input's dtype."""
+
+    def __init__(self, forward, dtype: torch.dtype | None):
+        super().__init__()
+        self.forward_fn, self.dtype = forward, dtype
+
+    def forward(self, noisy, timesteps, buffers, latent=None, image=None):
+        enabled = self.dtype is not None and self.dtype != torch.float32
+        with torch.autocast(noisy.device.type, dtype=self.dtype or torch.float32, enabled=enabled):
+            eps = self.forward_fn(noisy, timesteps, buffers, latent=latent, image=image)
+        return eps.to(noisy.dtype)
+
+
+class _GraphedLoop:
+    """A whole DDIM sampling loop for one batch shape, captured once as a CUDA graph and replayed."""
+
+    WARMUP_RUNS = 2
+
+    def __init__(self, denoiser, schedule, steps, noise, buffers, latent):
+        self.inputs = [noise.clone(), buffers.clone(), latent.clone()]
+        timesteps = [torch.full((noise.shape[0],), t, dtype=torch.long, device=noise.device) for t in steps]
+
+        def run():
+            return ddim_loop(denoiser, *self.inputs, steps, schedule, timesteps)
+
+        side = torch.cuda.Stream(device=noise.device)
+        side.wait_stream(torch.cuda.current_stream(noise.device))
+        with torch.cuda.stream(side):  # warm up (cuDNN autotuning, compilation) outside the graph
+            for _ in range(self.WARMUP_RUNS):
+                run()
+        torch.cuda.current_stream(noise.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = run()
+
+    def __call__(self, noise, buffers, latent):
+        for static, value in zip(self.inputs, (noise, buffers, latent)):
+            static.copy_(value)
+        self.graph.replay()
+        return self.output.clone()
+
+
+def load_photo(path: str | Path, size: int, align: str = "auto", codes: str = "deca"
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One photo as (image (3, size, size) in [0, 1], crop transform (3, 3), flat codes (236,) or None).
+
+    See :meth:`RigEditPipeline.read_photos` for ``align`` and ``codes``. Square photos go through
+    ``create_data``'s own loader (:class:`diffrig.data.create.CropInputs`: landmark sidecar or
+    dlib, DECA's crop rule); others are FFHQ-aligned first. Raises DataError (ImageRejected)
+    saying why a photo cannot be used.
+    """
+    from diffrig.data.align import align_photo, aligned_coordinates
+    from diffrig.data.create import CODES_SOURCES, CropInputs
+    from diffrig.data.crop import crop_transform
+    from diffrig.data.images import ImageRejected, load_rgb
+
+    if align not in ALIGN_CHOICES:
+        raise DiffrigError(f"align must be one of {', '.join(ALIGN_CHOICES)}, got {align!r}")
+    if codes not in CODES_SOURCES:
+        raise DiffrigError(f"codes must be one of {', '.join(CODES_SOURCES)}, got {codes!r}")
+    path = Path(path)
+    image = load_rgb(path)
+    square = image.width == image.height
+    if align == "never" and not square:
+        raise ImageRejected(path, f"wrong image size {image.width}x{image.height}: not an aligned (square) "
+                                  "photo; align it first (scripts/align.py) or let it be aligned")
+    if square and align != "always":
+        item = CropInputs([path], [path.name], size, codes)[0]
+        if "reason" in item:
+            raise ImageRejected(path, item["reason"])
+        return item["image"].float() / 255.0, item["tform"], item["codes"]
+    if codes == "ground_truth":
+        raise ImageRejected(path, "ground-truth codes describe the photo as it is: it cannot be aligned again")
+    aligned = align_photo(path, output_size=size)
+    landmarks = aligned_coordinates(aligned.face.landmarks, aligned.face.landmarks, size)
+    tform = crop_transform(torch.from_numpy(landmarks)[None])[0].float()
+    pixels = torch.from_numpy(np.asarray(aligned.image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return pixels.contiguous(), tform, None
+
+
+@dataclass
+class InferenceSummary:
+    """What :func:`edit_files` wrote, and the sources it could not use as (path, reason)."""
+
+    edits: list[Path] = field(default_factory=list)
+    grids: list[Path] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        text = f"wrote {len(self.edits)} edits and {len(self.grids)} grid(s)"
+        return text + (f"; skipped {len(self.failures)} source(s)" if self.failures else "")
+
+
+def list_photos(source: str | Path) -> list[Path]:
+    """A photo, or the photos of a folder (sorted; hidden files and sidecars left out)."""
+    from diffrig.data.create import list_images
+
+    source = Path(source)
+    if source.is_file():
+        return [source]
+    if not source.exists():
+        raise DataError(f"source {source} does not exist: give a photo or a folder of photos")
+    photos = list_images(source)
+    if not photos:
+        raise DataError(f"no photos in {source}")
+    return photos
+
+
+def edit_files(pipeline: RigEditPipeline, sources: Sequence[str | Path], output_dir: str | Path,
+               target: str | Path | None = None, modes: str | Sequence[str] = (), rig: HandRig | None = None,
+               align: str = "auto", codes: str = "deca", batch_size: int = 8, progress: bool = True,
+               **sampling) -> InferenceSummary:
+    """Edit photo files and write ``OUT/<source stem>_<mode>.png`` per source and mode, and a grid
+    per group of ``batch_size`` sources (``OUT/grid.png``, or ``grid_001.png``, ... for several):
+    one row per source, source | target | rendered buffers | results.
+
+    A target that cannot be used raises DataError; sources that cannot be used are skipped and
+    listed in the summary. ``sampling``: keyword arguments of :meth:`RigEditPipeline.edit`.
+    """
+    from tqdm.auto import tqdm
+
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    target_portrait = None
+    if target is not None:
+        target_portrait, failed = pipeline.read_photos([target], align, codes)
+        if target_portrait is None:
+            raise DataError(f"target {failed[0][0]}: {failed[0][1]}")
+    sources = [Path(path) for path in sources]
+    groups = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
+    summary = InferenceSummary()
+    for number, group in enumerate(tqdm(groups, desc="editing", unit="batch", disable=not progress or len(groups) < 2)):
+        portraits, failed = pipeline.read_photos(group, align, codes)
+        summary.failures += failed
+        if portraits is None:
+            continue
+        result = pipeline.edit(portraits, target_portrait, modes, rig, batch_size=batch_size, **sampling)
+        for mode, images in result.edits.items():
+            for name, image in zip(portraits.names, images):
+                summary.edits.append(save_png(image, output / f"{name}_{mode}.png"))
+        grid_name = "grid.png" if len(groups) == 1 else f"grid_{number + 1:03d}.png"
+        summary.grids.append(save_png(result.grid(), output / grid_name))
+    return summary
