@@ -6,3 +6,12 @@ Submodules follow the data flow: ``diffrig.deca`` (face rig and physical buffers
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``diffrig.RigEditPipeline`` without importing torch & co. on ``import diffrig``
+    if name == "RigEditPipeline":
+        from diffrig.pipeline import RigEditPipeline
+
+        return RigEditPipeline
+    raise AttributeError(f"module 'diffrig' has no attribute {name!r}")

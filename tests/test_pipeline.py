@@ -384,3 +384,11 @@ def test_edit_result_grid_without_target():
     assert torch.equal(target_tile, torch.ones_like(target_tile))  # blank target column
     buffer_tile = grid[:, 2:2 + S, 2 * S + 6:3 * S + 6]
     assert torch.allclose(buffer_tile, torch.full_like(buffer_tile, 0.5))
+
+
+def test_pipeline_is_exported_lazily_from_the_package():
+    import diffrig
+
+    assert diffrig.RigEditPipeline is RigEditPipeline
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        diffrig.Nope  # noqa: B018
