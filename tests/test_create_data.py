@@ -380,3 +380,25 @@ def test_cli_flags_and_errors(tmp_path, capsys):
     assert main(["--data_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o.lmdb"), "-q"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: data folder") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_landmark_sidecars_mat_before_txt_and_bad_ones_named(tmp_path):
+    from scipy.io import savemat
+
+    from diffrig.data.create import sidecar_landmarks
+    from diffrig.data.images import ImageRejected
+
+    image = tmp_path / "face.png"
+    assert sidecar_landmarks(image) is None
+    points = box_landmarks(10.0, 20.0, 50.0, 70.0)
+    np.savetxt(tmp_path / "face.txt", points + 1.0)
+    np.testing.assert_allclose(sidecar_landmarks(image), points + 1.0)
+    savemat(tmp_path / "face.mat", {"pt3d_68": np.concatenate([points, np.zeros((68, 1))], 1).T})  # AFLW2000's 3x68
+    np.testing.assert_allclose(sidecar_landmarks(image), points)
+    (tmp_path / "face.mat").unlink()
+    (tmp_path / "face.txt").write_text("1 2\n3 nan\n")
+    with pytest.raises(ImageRejected, match="face.txt must hold rows of finite"):
+        sidecar_landmarks(image)
+    (tmp_path / "face.txt").write_text("not numbers at all\n")
+    with pytest.raises(ImageRejected, match="landmark file face.txt unreadable"):
+        sidecar_landmarks(image)
