@@ -260,7 +260,7 @@ def align_folder(source: str | Path, output: str | Path, output_size: int = OUTP
             _save_png(result.image, target)
             summary.aligned.append(target)
         bar.set_postfix(aligned=len(summary.aligned) + len(summary.kept), rejected=len(summary.rejected))
-    summary.rejected_file = _write_rejected(output, summary.rejected)
+    summary.rejected_file = write_rejected(output, summary.rejected)
     return summary
 
 
@@ -280,7 +280,8 @@ def _save_png(image: Image.Image, target: Path) -> None:
     os.replace(partial, target)
 
 
-def _write_rejected(output: Path, rejected: list[tuple[str, str]]) -> Path | None:
+def write_rejected(output: Path, rejected: list[tuple[str, str]]) -> Path | None:
+    """``output/rejected.txt``: one ``name<TAB>reason`` line per file; removed when none was."""
     listing = output / REJECTED_FILE
     if not rejected:
         listing.unlink(missing_ok=True)

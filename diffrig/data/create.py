@@ -51,10 +51,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from diffrig.data.align import MIN_FACE, _write_rejected
+from diffrig.data.align import MIN_FACE, write_rejected
 from diffrig.data.crop import CROP_SIZE, crop_images, crop_transform, resize_matrix, resize_transform
 from diffrig.data.images import ImageRejected, load_rgb
-from diffrig.data.lmdb_store import META_KEY, DatasetMeta, RecordWriter, _name_key, sample_key
+from diffrig.data.lmdb_store import DatasetMeta, RecordWriter
 from diffrig.data.records import Sample, encode_sample
 from diffrig.deca.codes import CODE_SIZES, RigCodes
 from diffrig.deca.files import DECA_FILES
@@ -359,7 +359,7 @@ def create_dataset(data_dir: str | Path, output_dir: str | Path, image_size: int
             summary.mean_shape_file = output / MEAN_SHAPE_FILE
         _write_records(deca, writer, DataLoader(inputs, **loader_options), len(inputs), mean_shape, image_size,
                        encode_threads or min(32, os.cpu_count() or 1), summary, progress)
-        summary.rejected_file = _write_rejected(output, summary.rejected)
+        summary.rejected_file = write_rejected(output, summary.rejected)
         if writer.count == 0:
             raise DataError(f"no usable image in {data_dir}" +
                             (f" (see {summary.rejected_file})" if summary.rejected_file else ""))
@@ -386,11 +386,15 @@ def _write_records(deca, writer: RecordWriter, loader: DataLoader, total: int, m
                 in_flight.append([pool.submit(_encode, name, batch.images[i], buffers[i], codes[i], batch.tforms[i])
                                   for i, name in enumerate(batch.names)])
                 while len(in_flight) > 2:
-                    summary.written += append_encoded(writer, [f.result() for f in in_flight.popleft()])
+                    records = [f.result() for f in in_flight.popleft()]
+                    writer.append_encoded(records)
+                    summary.written += len(records)
             bar.update(len(batch.names) + len(batch.rejected))
             bar.set_postfix(written=summary.existing + summary.written, rejected=len(summary.rejected))
         while in_flight:
-            summary.written += append_encoded(writer, [f.result() for f in in_flight.popleft()])
+            records = [f.result() for f in in_flight.popleft()]
+            writer.append_encoded(records)
+            summary.written += len(records)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
@@ -399,19 +403,6 @@ def _write_records(deca, writer: RecordWriter, loader: DataLoader, total: int, m
 def _encode(name: str, image: torch.Tensor, buffers: torch.Tensor, codes: torch.Tensor, tform: torch.Tensor
             ) -> tuple[str, bytes]:
     return name, encode_sample(Sample(name=name, image=image, buffers=buffers, codes=codes, tform=tform))
-
-
-def append_encoded(writer: RecordWriter, records: list[tuple[str, bytes]]) -> int:
-    """Write already encoded records ``(name, bytes)`` and the new count in one transaction, as
-    ``RecordWriter.append`` does for samples (which encodes inside its transaction, one at a time).
-    Returns how many were written."""
-    with writer.env.begin(write=True) as txn:
-        for name, data in records:
-            txn.put(sample_key(writer.meta.count), data)
-            txn.put(_name_key(name), str(writer.meta.count).encode())
-            writer.meta.count += 1
-        txn.put(META_KEY, writer.meta.to_bytes())
-    return len(records)
 
 
 def _mean_shape(deca, inputs: CropInputs, output: Path, written: int, loader_options: dict, progress: bool

@@ -88,11 +88,16 @@ class RecordWriter:
             return txn.get(_name_key(name)) is not None
 
     def append(self, samples: list[Sample]) -> None:
-        """Writes the samples and the new count in one transaction: a crash keeps all or none."""
+        """Encodes and writes the samples and the new count in one transaction."""
+        self.append_encoded([(sample.name, encode_sample(sample)) for sample in samples])
+
+    def append_encoded(self, records: list[tuple[str, bytes]]) -> None:
+        """Writes ``(name, encode_sample bytes)`` records and the new count in one transaction: a
+        crash keeps all or none of them."""
         with self.env.begin(write=True) as txn:
-            for sample in samples:
-                txn.put(sample_key(self.meta.count), encode_sample(sample))
-                txn.put(_name_key(sample.name), str(self.meta.count).encode())
+            for name, data in records:
+                txn.put(sample_key(self.meta.count), data)
+                txn.put(_name_key(name), str(self.meta.count).encode())
                 self.meta.count += 1
             txn.put(META_KEY, self.meta.to_bytes())
 
