@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from diffrig.deca.codes import CODE_SIZES, NUM_SH, RigCodes
 from diffrig.errors import DataError
@@ -57,7 +57,22 @@ def write_sidecar(path: str | PathLike, truth: PortraitTruth) -> None:
     tensors["tform"] = truth.tform.detach().float().cpu().reshape(3, 3).contiguous()
     metadata = {name: str(int(getattr(truth, name))) for name in _INT_FIELDS}
     metadata.update(format=SIDECAR_FORMAT, deca_dir=str(truth.deca_dir))
-    save_file(tensors, str(path), metadata=metadata)
+    Path(path).write_bytes(_safetensors_bytes(tensors, metadata))
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file of float32 tensors, its header in sorted order, so that equal content
+    gives equal bytes (the safetensors library orders metadata keys arbitrarily)."""
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        data = tensors[name].to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
 
 
 def read_sidecar(path: str | PathLike) -> PortraitTruth:

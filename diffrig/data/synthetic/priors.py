@@ -1,0 +1,241 @@
+"""Priors of the synthetic world: seeds, identity parameters and per-photo codes.
+
+Every draw uses a ``torch.Generator`` seeded from a tuple of integers (world seed, stream, indices)
+through numpy's ``SeedSequence``, so identity ``i`` and photo ``(i, k)`` are reproducible one by
+one, in any order and in any batch.
+
+Angles follow :mod:`diffrig.rigs` (degrees; yaw towards the picture's right, pitch down, roll);
+lights are DECA's SH codes (9, 3) made of an ambient term plus one distant light, projected onto
+DECA's basis analytically (:func:`sh_light`), so shading stays positive.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from diffrig.deca.codes import CODE_SIZES, NUM_SH
+from diffrig.deca.render import SH_CONSTANTS
+
+# Streams of the seed tree: one per kind of draw.
+IDENTITY_STREAM, PHOTO_STREAM, NUISANCE_STREAM = 0, 1, 2
+
+# Irradiance factors of SH bands 0, 1, 2 (clamped cosine); DECA's basis carries them from band 1 on.
+_BAND_FACTOR = torch.tensor([math.pi] + [2 * math.pi / 3] * 3 + [math.pi / 4] * 5)
+_Y00 = 1.0 / math.sqrt(4 * math.pi)
+
+# Natural hair colours (linear-ish RGB in [0, 1]) and how often they occur.
+HAIR_PALETTE = torch.tensor([
+    [0.05, 0.04, 0.035],  # black
+    [0.16, 0.10, 0.06],  # dark brown
+    [0.30, 0.19, 0.11],  # brown
+    [0.50, 0.36, 0.22],  # light brown
+    [0.75, 0.60, 0.38],  # blond
+    [0.50, 0.20, 0.08],  # auburn / red
+    [0.62, 0.60, 0.58],  # grey
+])
+NAMED_TEX = 6  # leading tex components drawn at full spread
+HAIR_WEIGHTS = torch.tensor([0.25, 0.25, 0.18, 0.1, 0.1, 0.06, 0.06])
+
+
+def generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded by a tuple of non-negative integers."""
+    state = np.random.SeedSequence([int(k) for k in key]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def derived_seed(*key: int) -> int:
+    """A 31-bit integer seed derived from a tuple of integers."""
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint32)[0] >> 1)
+
+
+def _uniform(g: torch.Generator, low: float, high: float, *shape: int) -> torch.Tensor:
+    return low + (high - low) * torch.rand(shape or (1,), generator=g)
+
+
+def _normal(g: torch.Generator, std: float, *shape: int, clamp: float | None = None) -> torch.Tensor:
+    value = std * torch.randn(shape or (1,), generator=g)
+    return value if clamp is None else value.clamp(-clamp, clamp)
+
+
+def _decaying_std(size: int, first: float, last: float) -> torch.Tensor:
+    """Per-component standard deviations falling geometrically from ``first`` to ``last``."""
+    return first * (last / first) ** torch.linspace(0, 1, size)
+
+
+@dataclass
+class HairStyle:
+    """One identity's hair, in units of the head (eye distance ``d``, radians, radii ``r``).
+
+    colour (3,); hairline heights above the brows at the front, the drop to the ears and to the
+    nape (in ``d``); a fringe down to ``fringe_level`` above the brows (in ``d``) around azimuth
+    ``fringe_centre`` over a half width ``fringe_width`` (radians around the head, 0 = front; a
+    width of 0 means no fringe); wiggle (3,) amplitudes and phases (3,) of the hairline; strand
+    frequencies (3,) and phases (3,); volume: half width of the hair outline and its height above
+    the head centre (in head radii), superellipse exponent, length below the head centre (in
+    head radii, negative = short), flare of long hair.
+    """
+
+    colour: torch.Tensor
+    front: float
+    side_drop: float
+    back_drop: float
+    fringe_level: float
+    fringe_centre: float
+    fringe_width: float
+    wiggle: torch.Tensor
+    wiggle_phase: torch.Tensor
+    strand_freq: torch.Tensor
+    strand_phase: torch.Tensor
+    width: float
+    height: float
+    roundness: float
+    length: float
+    flare: float
+
+
+@dataclass
+class SkinStyle:
+    """Freckles and moles: counts and strengths (positions are drawn on the face by the world)."""
+
+    freckles: int
+    freckle_strength: float
+    freckle_radius: float
+    moles: int
+    mole_radius: float
+
+
+@dataclass
+class SpecularStyle:
+    """Skin shine: ``strength * (n . h)^exponent`` under the SH light's dominant direction."""
+
+    strength: float
+    exponent: float
+
+
+def sample_codes_of_identity(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLAME shape (100,) and albedo tex (50,) codes of one identity."""
+    shape = torch.randn(CODE_SIZES["shape"], generator=g) * _decaying_std(CODE_SIZES["shape"], 1.0, 0.3)
+    # the leading albedo components carry skin tone and the like; the rest mottle the skin
+    tex_std = torch.cat([torch.ones(NAMED_TEX), _decaying_std(CODE_SIZES["tex"] - NAMED_TEX, 0.35, 0.15)])
+    tex = torch.randn(CODE_SIZES["tex"], generator=g) * tex_std
+    return shape, tex
+
+
+def sample_hair(g: torch.Generator) -> HairStyle:
+    colour_index = int(torch.multinomial(HAIR_WEIGHTS, 1, generator=g))
+    colour = (HAIR_PALETTE[colour_index] * torch.exp(_normal(g, 0.12, 3))).clamp(0.0, 1.0)
+    fringe_kind = int(torch.multinomial(torch.tensor([0.5, 0.25, 0.25]), 1, generator=g))  # none, full, side
+    side = 1.0 if float(torch.rand(1, generator=g)) < 0.5 else -1.0
+    fringe_level, fringe_centre, fringe_width = float(_uniform(g, 0.12, 0.4)), 0.0, 0.0
+    if fringe_kind == 1:
+        fringe_width = float(_uniform(g, 0.7, 1.0))
+    elif fringe_kind == 2:
+        fringe_width = float(_uniform(g, 0.35, 0.55))
+        fringe_centre = side * float(_uniform(g, 0.25, 0.45))
+    long_hair = float(torch.rand(1, generator=g)) < 0.45
+    return HairStyle(
+        colour=colour,
+        front=float(_uniform(g, 0.55, 1.1)),
+        side_drop=float(_uniform(g, 0.1, 0.5)),
+        back_drop=float(_uniform(g, 0.8, 1.6)),
+        fringe_level=fringe_level,
+        fringe_centre=fringe_centre,
+        fringe_width=fringe_width,
+        wiggle=_uniform(g, 0.0, 0.08, 3),
+        wiggle_phase=_uniform(g, 0.0, 2 * math.pi, 3),
+        strand_freq=torch.tensor([23.0, 41.0, 67.0]) * _uniform(g, 0.8, 1.25, 3),
+        strand_phase=_uniform(g, 0.0, 2 * math.pi, 3),
+        width=float(_uniform(g, 0.95, 1.2) if long_hair else _uniform(g, 0.9, 1.08)),
+        height=float(_uniform(g, 1.05, 1.3)),
+        roundness=float(_uniform(g, 2.0, 3.0)),
+        length=float(_uniform(g, 1.0, 2.2) if long_hair else _uniform(g, -0.6, 0.3)),
+        flare=float(_uniform(g, 0.0, 0.12)),
+    )
+
+
+def sample_skin(g: torch.Generator) -> SkinStyle:
+    freckled = float(torch.rand(1, generator=g)) < 0.35
+    return SkinStyle(
+        freckles=int(torch.randint(30, 160, (1,), generator=g)) if freckled else 0,
+        freckle_strength=float(_uniform(g, 0.15, 0.35)),
+        freckle_radius=float(_uniform(g, 1.2, 2.0)),
+        moles=int(torch.randint(1, 4, (1,), generator=g)),
+        mole_radius=float(_uniform(g, 1.6, 2.6)),
+    )
+
+
+def sample_specular(g: torch.Generator) -> SpecularStyle:
+    return SpecularStyle(strength=float(_uniform(g, 0.08, 0.3)), exponent=float(_uniform(g, 8.0, 40.0)))
+
+
+@dataclass
+class PhotoDraw:
+    """The random part of one photo: head angles (3,) degrees (yaw, pitch, roll), jaw opening
+    (degrees), expression (50,), light (9, 3), framing jitter (log-scale, dx, dy in half-images)
+    and the nuisance seed (background, clothes)."""
+
+    angles: torch.Tensor
+    jaw: float
+    exp: torch.Tensor
+    light: torch.Tensor
+    zoom: float
+    shift: torch.Tensor
+    nuisance_seed: int
+
+
+def sample_photo(g: torch.Generator, nuisance_seed: int) -> PhotoDraw:
+    angles = torch.cat([_normal(g, 15.0, clamp=40.0), _normal(g, 7.0, clamp=20.0), _normal(g, 3.0, clamp=8.0)])
+    jaw = float(_normal(g, 4.0).abs().clamp(max=15.0))
+    exp = torch.randn(CODE_SIZES["exp"], generator=g) * _decaying_std(CODE_SIZES["exp"], 0.6, 0.15)
+    return PhotoDraw(angles=angles, jaw=jaw, exp=exp, light=sample_light(g), zoom=float(_normal(g, 0.04)),
+                     shift=_normal(g, 0.02, 2), nuisance_seed=nuisance_seed)
+
+
+def sample_light(g: torch.Generator) -> torch.Tensor:
+    """An SH light (9, 3): tinted ambient plus one distant light from the front half."""
+    azimuth = math.radians(float(_uniform(g, -75.0, 75.0)))
+    elevation = math.radians(float(_uniform(g, -15.0, 55.0)))
+    direction = torch.tensor([math.sin(azimuth) * math.cos(elevation), math.sin(elevation),
+                              math.cos(azimuth) * math.cos(elevation)])
+    warmth = float(_uniform(g, -0.12, 0.12))
+    tint = torch.tensor([1.0 + warmth, 1.0, 1.0 - warmth])
+    ambient = float(_uniform(g, 0.35, 0.6)) * (1.0 + _normal(g, 0.03, 3))
+    intensity = float(_uniform(g, 0.3, 0.75)) * tint
+    return sh_light(direction, intensity, ambient)
+
+
+def sh_light(direction: torch.Tensor, intensity: torch.Tensor, ambient: torch.Tensor) -> torch.Tensor:
+    """SH light (9, 3) whose shading is ``ambient + intensity * max(0, n . direction)``, per RGB
+    channel, to second order: the clamped cosine's SH projection in DECA's basis (whose band 0
+    lacks the irradiance factor pi that bands 1 and 2 carry).
+
+    direction: (3,) (normalized here); intensity, ambient: (3,) or scalars.
+    """
+    direction = direction / direction.norm()
+    x, y, z = direction.tolist()
+    polynomials = torch.tensor([1.0, x, y, z, x * y, x * z, y * z, x * x - y * y, 3 * z * z - 1])
+    kernel = SH_CONSTANTS * polynomials / _BAND_FACTOR  # Y_k(direction) for k >= 1
+    kernel[0] = math.pi * _Y00
+    intensity = torch.as_tensor(intensity, dtype=torch.float32).expand(3)
+    ambient = torch.as_tensor(ambient, dtype=torch.float32).expand(3)
+    light = kernel[:, None] * intensity[None, :]
+    light[0] += ambient / _Y00
+    return light
+
+
+def dominant_light(light: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Direction (B, 3) and RGB intensity (B, 3) of the distant light behind SH codes (B, 9, 3).
+
+    The first-order band of a distant light of intensity ``I`` from ``w`` is ``I * Y_1(w)``; the
+    direction is that of the luminance-weighted band, the intensity its projection per channel.
+    Works for any SH code (a lobe-free light has zero intensity).
+    """
+    band = light[:, 1:4, :] / math.sqrt(3.0 / (4.0 * math.pi))  # (B, 3 axes, 3 channels)
+    luminance = band @ band.new_tensor([0.3, 0.59, 0.11])
+    direction = torch.nn.functional.normalize(luminance, dim=1, eps=1e-8)
+    intensity = (band * direction[:, :, None]).sum(1).clamp(min=0.0)
+    return direction, intensity

@@ -1,0 +1,456 @@
+"""The synthetic world: identities, photos of them, the true photo under any codes, and folders.
+
+Geometry is DECA's: FLAME posed by the codes, DECA's orthographic camera in the 224² crop frame,
+the crop transform ``tform`` back into the photo's frame (as :meth:`diffrig.deca.rig.DECA.decode`
+with ``tform`` does), rasterized by the rig's :class:`~diffrig.deca.render.BufferRenderer`. So
+``DECA.decode(codes, size=S, tform=tform)`` gives buffers whose face mask is the photo's face.
+
+Each photo is framed like an FFHQ-aligned portrait: the camera puts the FFHQ crop square of its
+own landmarks (the rule of ``scripts/align.py``: centre a tenth of the way from the eyes to the
+mouth, side ``max(4 |eye to eye|, 3.6 |eye to mouth|)``) onto the whole picture, with a little
+jitter; the crop transform is then DECA's rule on those landmarks (:mod:`diffrig.data.crop`) and
+the camera is re-expressed in that crop's frame, as DECA's encoder would report it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from diffrig.data.crop import CROP_SIZE, crop_transform
+from diffrig.data.synthetic import appearance
+from diffrig.data.synthetic.appearance import HeadAtlas
+from diffrig.data.synthetic.priors import (
+    IDENTITY_STREAM,
+    NUISANCE_STREAM,
+    PHOTO_STREAM,
+    HairStyle,
+    SkinStyle,
+    SpecularStyle,
+    derived_seed,
+    dominant_light,
+    generator,
+    sample_codes_of_identity,
+    sample_hair,
+    sample_photo,
+    sample_skin,
+    sample_specular,
+)
+from diffrig.data.synthetic.sidecar import PortraitTruth, sidecar_path, write_sidecar
+from diffrig.deca.codes import RigCodes
+from diffrig.deca.rasterizer import rasterize
+from diffrig.deca.render import DEPTH_OFFSET, orthographic_project, sh_shading, transform_points, vertex_normals
+from diffrig.errors import DataError
+from diffrig.rigs import head_rotation, jaw_pose
+
+WORLD_FORMAT = "diffrig.synthetic.world/1"
+WORLD_FOLDER = "world"  # DIR/world/world.json, DIR/world/identities.json
+MIN_SIZE, MAX_SIZE = 64, 256
+PIXEL_SLACK = 0.01  # pixels of tolerance when discarding faces that cover no pixel centre
+IDENTITY_CACHE = 32  # identities whose UV maps stay in memory (2 MB each at 256² UV)
+
+# 68-point landmark indices of the FFHQ alignment rule
+RIGHT_EYE, LEFT_EYE, MOUTH_LEFT, MOUTH_RIGHT = slice(36, 42), slice(42, 48), 48, 54
+
+
+@dataclass
+class Identity:
+    """One person of the world: FLAME shape (100,) and albedo tex (50,) codes, hair, skin detail
+    (freckles and moles placed from ``skin_seed``) and skin shine."""
+
+    index: int
+    shape: torch.Tensor
+    tex: torch.Tensor
+    hair: HairStyle
+    skin: SkinStyle
+    specular: SpecularStyle
+    skin_seed: int
+
+    def to_dict(self) -> dict:
+        """JSON-ready description (the world re-creates it from its index; this is for reading)."""
+        def plain(value):
+            return value.tolist() if isinstance(value, torch.Tensor) else value
+
+        out = {"index": self.index, "shape": self.shape.tolist(), "tex": self.tex.tolist(), "skin_seed": self.skin_seed}
+        for group in ("hair", "skin", "specular"):
+            out[group] = {name: plain(value) for name, value in vars(getattr(self, group)).items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Identity:
+        def group(kind, values):
+            return kind(**{f.name: torch.tensor(values[f.name]) if isinstance(values[f.name], list) else values[f.name]
+                           for f in fields(kind)})
+
+        return cls(index=int(data["index"]), shape=torch.tensor(data["shape"]), tex=torch.tensor(data["tex"]),
+                   hair=group(HairStyle, data["hair"]), skin=group(SkinStyle, data["skin"]),
+                   specular=group(SpecularStyle, data["specular"]), skin_seed=int(data["skin_seed"]))
+
+
+@dataclass
+class Portraits:
+    """Photos to render: codes (B), crop transforms (B, 3, 3) (PNG pixel -> crop pixel), and per
+    photo its identity index, image index and nuisance seed (backdrop and clothes)."""
+
+    codes: RigCodes
+    tform: torch.Tensor
+    identity: list[int]
+    image: list[int]
+    nuisance_seed: list[int]
+
+    def __len__(self) -> int:
+        return self.codes.batch_size
+
+    def truth(self, index: int, size: int, world_seed: int, deca_dir: str) -> PortraitTruth:
+        return PortraitTruth(codes=self.codes[index].to("cpu"), tform=self.tform[index].cpu(), size=size,
+                             identity=self.identity[index], image=self.image[index],
+                             nuisance_seed=self.nuisance_seed[index], world_seed=world_seed, deca_dir=deca_dir)
+
+    @classmethod
+    def cat(cls, items: Sequence[Portraits]) -> Portraits:
+        return cls(codes=RigCodes.cat([p.codes for p in items]), tform=torch.cat([p.tform for p in items]),
+                   identity=sum((p.identity for p in items), []), image=sum((p.image for p in items), []),
+                   nuisance_seed=sum((p.nuisance_seed for p in items), []))
+
+
+class SyntheticWorld:
+    """Portraits of procedural people rendered with a DECA rig (the built-in one by default).
+
+    deca_dir: a DECA data folder or ``"builtin"``; rig: an already loaded
+    :class:`~diffrig.deca.rig.DECA` (its FLAME, albedo space and renderer are used; overrides
+    ``deca_dir``); size: side of the photos (64 to 256); seed: the world (identities and photos).
+    """
+
+    def __init__(self, deca_dir: str | PathLike = "builtin", size: int = 64, seed: int = 0,
+                 device: str | torch.device = "cpu", rig=None):
+        if not MIN_SIZE <= int(size) <= MAX_SIZE:
+            raise DataError(f"synthetic portraits are {MIN_SIZE} to {MAX_SIZE} pixels wide, got {size}")
+        self.size, self.seed, self.deca_dir = int(size), int(seed), str(deca_dir)
+        self.device = torch.device(device)
+        if rig is None:
+            rig = _load_rig(deca_dir)
+        self.flame = rig.flame.to(self.device)
+        self.renderer = rig.renderer.to(self.device)
+        self.albedo = UVAlbedo(rig.albedo_space)
+        atlas = appearance.build_atlas(self.flame, self.renderer.face_uvcoords, rig.albedo_space.uv_size)
+        self.atlas: HeadAtlas = atlas
+        self._head_coordinates = atlas.coordinates[None].to(self.device)
+        self._anchors = atlas.anchors.to(self.device)
+        self._helper_weights = atlas.helper_weights.to(self.device)
+        self._chin = atlas.chin.to(self.device).view(1, 1, 3)
+        self._maps: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    # ------------------------------------------------------------------------- people and photos
+
+    def identity(self, index: int) -> Identity:
+        """Identity ``index`` of this world (deterministic)."""
+        g = generator(self.seed, IDENTITY_STREAM, index)
+        shape, tex = sample_codes_of_identity(g)
+        return Identity(index=int(index), shape=shape, tex=tex, hair=sample_hair(g), skin=sample_skin(g),
+                        specular=sample_specular(g), skin_seed=derived_seed(self.seed, IDENTITY_STREAM, index, 1))
+
+    @torch.no_grad()
+    def sample(self, identities: Identity | Sequence[Identity], images: int | Iterable[int]) -> Portraits:
+        """Photos ``images`` (indices, or a count from 0) of one identity, or of one identity per
+        image: pose, expression, light and framing drawn from the priors, each photo seeded by
+        (world seed, identity, image) alone."""
+        images = list(range(images)) if isinstance(images, int) else [int(k) for k in images]
+        people = [identities] * len(images) if isinstance(identities, Identity) else list(identities)
+        if len(people) != len(images):
+            raise ValueError(f"{len(people)} identities for {len(images)} images")
+        draws = [sample_photo(generator(self.seed, PHOTO_STREAM, p.index, k),
+                              derived_seed(self.seed, NUISANCE_STREAM, p.index, k)) for p, k in zip(people, images)]
+        angles = torch.stack([d.angles for d in draws])
+        pose = torch.cat([head_rotation(angles[:, 0], angles[:, 1], angles[:, 2]),
+                          jaw_pose(torch.tensor([d.jaw for d in draws]))], dim=1)
+        codes = RigCodes(
+            shape=torch.stack([p.shape for p in people]), tex=torch.stack([p.tex for p in people]),
+            exp=torch.stack([d.exp for d in draws]), pose=pose.float(), cam=torch.zeros(len(draws), 3),
+            light=torch.stack([d.light for d in draws]),
+        ).to(self.device)
+        zoom = torch.tensor([d.zoom for d in draws], device=self.device)
+        shift = torch.stack([d.shift for d in draws]).to(self.device)
+        cam, tform = self._frame(codes, zoom, shift)
+        return Portraits(codes=codes.replace(cam=cam), tform=tform, identity=[p.index for p in people],
+                         image=images, nuisance_seed=[d.nuisance_seed for d in draws])
+
+    def _frame(self, codes: RigCodes, zoom: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """FFHQ-like framing of posed heads: (camera in the crop frame (B, 3), tform (B, 3, 3))."""
+        _, landmarks, _ = self.flame(codes.shape, codes.exp, codes.pose)
+        xy = landmarks[..., :2].double()
+        eye_right, eye_left = xy[:, RIGHT_EYE].mean(1), xy[:, LEFT_EYE].mean(1)
+        eye_mid = 0.5 * (eye_right + eye_left)
+        eye_to_mouth = 0.5 * (xy[:, MOUTH_LEFT] + xy[:, MOUTH_RIGHT]) - eye_mid
+        centre = eye_mid + 0.1 * eye_to_mouth
+        side = torch.maximum(4 * (eye_left - eye_right).norm(dim=1), 3.6 * eye_to_mouth.norm(dim=1))
+        scale = 2 / side * torch.exp(zoom.double())
+        shift = shift.double()
+        image_cam = torch.stack([scale, -centre[:, 0] + shift[:, 0] / scale, -centre[:, 1] - shift[:, 1] / scale], 1)
+
+        normalized = orthographic_project(landmarks.double(), image_cam)[..., :2]
+        pixels = (normalized + 1) * self.size / 2 - 0.5  # pixel centres, as a landmark detector reports
+        tform = crop_transform(pixels)
+        return _camera_in_crop(image_cam, tform, self.size).float(), tform.float()
+
+    # ------------------------------------------------------------------------- rendering
+
+    def render(self, identities: Identity | Sequence[Identity], codes: RigCodes, tform: torch.Tensor,
+               nuisance_seeds: int | Sequence[int], ffhq_center: torch.Tensor | None = None) -> torch.Tensor:
+        """The true photos (B, 3, S, S) in [0, 1] of ``identities`` (one, or one per photo) under
+        ``codes`` (B), seen through crop transforms ``tform`` (B, 3, 3) (or (3, 3)), with the
+        backdrop and clothes of ``nuisance_seeds``. ``ffhq_center`` (B, 3) moves each mesh so
+        that its FFHQ centre lands there, as :meth:`DECA.decode` does for edits.
+        """
+        return self.render_layers(identities, codes, tform, nuisance_seeds, ffhq_center)["photo"]
+
+    @torch.no_grad()
+    def render_layers(self, identities: Identity | Sequence[Identity], codes: RigCodes, tform: torch.Tensor,
+                      nuisance_seeds: int | Sequence[int],
+                      ffhq_center: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """:meth:`render` and its layers: ``photo`` (B, 3, S, S); coverages (B, 1, S, S) of the
+        ``face`` (the rig's mesh, DECA's alpha), ``scalp_hair`` (hair on the mesh),
+        ``hair_back`` (hair around the head) and ``clothes``; ``normal`` (B, 3, S, S)."""
+        codes = codes.to(self.device)
+        batch = codes.batch_size
+        people = [identities] * batch if isinstance(identities, Identity) else list(identities)
+        seeds = [int(nuisance_seeds)] * batch if isinstance(nuisance_seeds, int) else [int(s) for s in nuisance_seeds]
+        if len(people) != batch or len(seeds) != batch:
+            raise ValueError(f"render needs one identity and nuisance seed per photo: {batch} photos, "
+                             f"{len(people)} identities, {len(seeds)} seeds")
+        tform = tform.to(self.device).float()
+        tform = tform.expand(batch, 3, 3) if tform.dim() == 2 else tform
+
+        vertices, landmarks, _ = self.flame(codes.shape, codes.exp, codes.pose)
+        shift = torch.zeros(batch, 1, 3, device=self.device)
+        if ffhq_center is not None:
+            shift = (ffhq_center.to(vertices).view(-1, 3) - _ffhq_center(landmarks)).view(-1, 1, 3)
+            vertices = vertices + shift
+        crop_to_image = torch.linalg.inv(tform).transpose(1, 2)
+
+        def to_image(points: torch.Tensor) -> torch.Tensor:
+            projected = orthographic_project(points, codes.cam)
+            return transform_points(projected, crop_to_image, [CROP_SIZE, CROP_SIZE], [self.size, self.size])
+
+        surface = self._rasterize(vertices, to_image(vertices))
+        helpers = to_image(torch.cat([self._helper_weights @ vertices[:, self._anchors], self._chin + shift], 1))
+        head = _sample(self._head_coordinates, surface.uv)
+        albedo = torch.zeros(batch, 3, self.size, self.size, device=self.device)
+        for index, photos in self._albedo_groups(people).items():
+            albedo[photos] = _sample(self._maps[index][None], surface.uv[photos])
+
+        hairs = [p.hair for p in people]
+        hair_colour, scalp_cover = appearance.scalp_hair(hairs, head)
+        direction, intensity = dominant_light(codes.light.float())
+        strength = torch.tensor([p.specular.strength for p in people], device=self.device)[:, None, None, None]
+        exponent = torch.tensor([p.specular.exponent for p in people], device=self.device)
+        shine = appearance.shine_zone(head) * (1 - scalp_cover) * strength
+        skin = albedo * sh_shading(surface.normal, codes.light) + appearance.specular(
+            surface.normal, direction, intensity, shine, exponent)
+        face = skin + (hair_colour - skin) * scalp_cover
+
+        frame = appearance.head_frame(helpers[:, :4, :2])
+        eye_distance = frame.radius * (self.atlas.eye_distance / self.atlas.radius)
+        nuisances = [appearance.sample_nuisance(seed) for seed in seeds]
+        hair_back, hair_back_cover = appearance.hair_back_layer(hairs, frame, self.size)
+        clothes, clothes_cover = appearance.clothes_layer(nuisances, helpers[:, 4, :2], eye_distance, self.size)
+        photo = appearance.background(nuisances, self.size, self.device)
+        photo = photo + (hair_back - photo) * hair_back_cover
+        photo = photo + (face - photo) * surface.alpha
+        photo = photo + (clothes - photo) * clothes_cover
+        return {"photo": photo.clamp(0.0, 1.0), "face": surface.alpha, "scalp_hair": scalp_cover * surface.alpha,
+                "hair_back": hair_back_cover, "clothes": clothes_cover, "normal": surface.normal}
+
+    def _rasterize(self, vertices: torch.Tensor, screen: torch.Tensor) -> _Surface:
+        """Rasterize the posed meshes (B, V, 3) at their image-frame positions ``screen``.
+
+        As the rig's renderer (same rasterizer, DECA's depth offset, interpolated world normals and
+        UVs), but only faces turned towards the camera and spanning a pixel centre are rasterized:
+        on a closed mesh the visible surface is the same, at a fraction of the cost.
+        """
+        faces = self.renderer.faces
+        batch = vertices.shape[0]
+        corners = (screen[:, :, :2] + 1) * (self.size / 2) - 0.5  # pixel-centre units
+        corners = corners[:, faces]  # (B, F, 3, 2)
+        edge1, edge2 = corners[:, :, 1] - corners[:, :, 0], corners[:, :, 2] - corners[:, :, 0]
+        # the screen's y points down: a face turned towards the camera runs clockwise there
+        keep = edge1[..., 0] * edge2[..., 1] - edge1[..., 1] * edge2[..., 0] < 0
+        # faces whose bounding box holds no pixel centre cover nothing: many of them at small sizes
+        low, high = corners.amin(2), corners.amax(2)
+        keep &= ((torch.ceil(low - PIXEL_SLACK) <= torch.floor(high + PIXEL_SLACK))
+                 & (high > -1) & (low < self.size)).all(-1)
+        count = keep.sum(1)
+        order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :max(int(count.max()), 1)]
+        kept = faces[order] * (torch.arange(order.shape[1], device=self.device) < count[:, None])[..., None]
+        fragments = rasterize(screen + screen.new_tensor([0.0, 0.0, DEPTH_OFFSET]), kept, self.size, self.size)
+
+        covered = fragments.pix_to_face >= 0
+        face = torch.gather(order, 1, fragments.pix_to_face.clamp(min=0).view(batch, -1)).view_as(covered)
+        bary = torch.where(covered[..., None], fragments.bary_coords, torch.zeros_like(fragments.bary_coords))
+        normals = vertex_normals(vertices, faces)
+        corner_vertices = faces[face] + (torch.arange(batch, device=self.device) * vertices.shape[1]).view(-1, 1, 1, 1)
+        normal = (bary[..., None] * normals.reshape(-1, 3)[corner_vertices]).sum(-2)
+        uv = (bary[..., None] * self.renderer.face_uvcoords[face]).sum(-2)
+        return _Surface(alpha=covered[:, None].float(), normal=normal.permute(0, 3, 1, 2), uv=uv)
+
+    def _albedo_groups(self, people: Sequence[Identity]) -> dict[int, list[int]]:
+        """Photo indices per identity, making sure every identity's albedo map is cached."""
+        groups: dict[int, list[int]] = {}
+        for photo, person in enumerate(people):
+            groups.setdefault(person.index, []).append(photo)
+        missing = {p.index: p for p in people if p.index not in self._maps}
+        if missing:
+            todo = list(missing.values())
+            albedo = self.albedo(torch.stack([p.tex for p in todo]).to(self.device))
+            for person, albedo_map in zip(todo, albedo):
+                detail = appearance.skin_detail(self.atlas, person.skin, person.skin_seed).to(self.device)
+                self._maps[person.index] = albedo_map * detail
+        for index in groups:
+            self._maps.move_to_end(index)
+        while len(self._maps) > max(IDENTITY_CACHE, len(groups)):
+            self._maps.popitem(last=False)
+        return groups
+
+    def albedo_map(self, identity: Identity) -> torch.Tensor:
+        """The identity's UV albedo (3, U, U): its tex code's albedo with its freckles and moles."""
+        self._albedo_groups([identity])
+        return self._maps[identity.index]
+
+    def render_portraits(self, portraits: Portraits) -> torch.Tensor:
+        """The photos (B, 3, S, S) of sampled portraits."""
+        people = {index: self.identity(index) for index in set(portraits.identity)}
+        return self.render([people[i] for i in portraits.identity], portraits.codes, portraits.tform,
+                           portraits.nuisance_seed)
+
+    # ------------------------------------------------------------------------- folders
+
+    def write_folder(self, output_dir: str | PathLike, identities: int | Iterable[int], per_identity: int,
+                     first_image: int = 0, batch_size: int = 64, progress: bool = False) -> list[Path]:
+        """Write photos ``first_image .. first_image + per_identity - 1`` of each identity (a count
+        from 0, or indices) into a flat folder with sidecars (see :mod:`diffrig.data.synthetic`).
+        Returns the PNG paths, in order."""
+        identities = list(range(identities)) if isinstance(identities, int) else [int(i) for i in identities]
+        if not identities or per_identity < 1 or first_image < 0:
+            raise DataError("nothing to write: give at least one identity and one image per identity "
+                            "(and a first image index of 0 or more)")
+        output = Path(output_dir)
+        (output / WORLD_FOLDER).mkdir(parents=True, exist_ok=True)
+        (output / WORLD_FOLDER / "world.json").write_text(json.dumps({
+            "format": WORLD_FORMAT, "seed": self.seed, "size": self.size, "deca_dir": self.deca_dir,
+            "identities": identities, "images": [first_image, first_image + per_identity],
+        }, indent=2) + "\n")
+        described = output / WORLD_FOLDER / "identities.json"
+        catalogue = json.loads(described.read_text()) if described.is_file() else {}
+        jobs = [(i, k) for i in identities for k in range(first_image, first_image + per_identity)]
+        written = []
+        with tqdm(total=len(jobs), desc="portraits", unit="img", disable=not progress) as bar:
+            for start in range(0, len(jobs), batch_size):
+                chunk = jobs[start:start + batch_size]
+                people = {i: self.identity(i) for i, _ in chunk}
+                catalogue.update({f"{i:05d}": person.to_dict() for i, person in people.items()})
+                portraits = self.sample([people[i] for i, _ in chunk], [k for _, k in chunk])
+                photos = self.render([people[i] for i, _ in chunk], portraits.codes, portraits.tform,
+                                     portraits.nuisance_seed)
+                pixels = (photos * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                for index, (i, k) in enumerate(chunk):
+                    path = output / f"{i:05d}_{k:04d}.png"
+                    Image.fromarray(np.ascontiguousarray(pixels[index])).save(path, compress_level=1)
+                    write_sidecar(sidecar_path(path), portraits.truth(index, self.size, self.seed, self.deca_dir))
+                    written.append(path)
+                bar.update(len(chunk))
+        described.write_text(json.dumps(catalogue, sort_keys=True) + "\n")
+        return written
+
+
+@dataclass
+class _Surface:
+    """Rasterized meshes: alpha (B, 1, S, S), world normal (B, 3, S, S) (0 off the mesh), uv
+    (B, S, S, 2) in grid_sample coordinates."""
+
+    alpha: torch.Tensor
+    normal: torch.Tensor
+    uv: torch.Tensor
+
+
+def _sample(maps: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
+    """Bilinear lookups (as the rig's renderer does) of one map (1, C, U, U) at the pixels' UVs
+    (B, S, S, 2) of several photos -> (B, C, S, S), in one call (the photos stacked as rows)."""
+    batch, height, width, _ = uv.shape
+    looked_up = F.grid_sample(maps, uv.reshape(1, batch * height, width, 2), mode="bilinear",
+                              padding_mode="zeros", align_corners=False)
+    return looked_up.view(maps.shape[1], batch, height, width).transpose(0, 1)
+
+
+class UVAlbedo:
+    """``AlbedoSpace(tex)`` (B, 3, U, U), computed at only the texels its nearest-neighbour resize
+    keeps (a quarter of DECA's 512² map for a 256² UV map): same values, a fraction of the work."""
+
+    def __init__(self, space):
+        side, size = space.texture_side, space.uv_size
+        index = torch.floor(torch.arange(size, dtype=torch.float64) * (side / size)).long().clamp(max=side - 1)
+        keep = ((index[:, None] * side + index[None, :])[..., None] * 3 + torch.arange(3)).reshape(-1)
+        self.size = size
+        self.mean = space.mean[:, keep].clone()
+        self.basis = space.basis[:, keep].clone()
+
+    def __call__(self, tex: torch.Tensor) -> torch.Tensor:
+        self.mean, self.basis = self.mean.to(tex.device), self.basis.to(tex.device)
+        flat = torch.addmm(self.mean, tex.to(self.basis.dtype), self.basis)
+        return flat.view(-1, self.size, self.size, 3).permute(0, 3, 1, 2).flip(1)
+
+
+def _camera_in_crop(image_cam: torch.Tensor, tform: torch.Tensor, size: int) -> torch.Tensor:
+    """Re-express an orthographic camera of the S² image frame in the crop frame of ``tform``.
+
+    ``DECA.decode(tform=...)`` maps crop coordinates ``c`` to image coordinates
+    ``n = ((c + 1) * 112 - t) / k * 2 / S - 1`` (``k``, ``t``: scale and shift of tform), so
+    ``n = a c + b`` per axis, and a camera ``(s, tx, ty)`` of the image is ``(s / a, tx - b_x / s,
+    ty + b_y / s)`` of the crop (y is negated by the projection).
+    """
+    tform = tform.double()
+    k = tform[:, 0, 0]
+    if not torch.allclose(tform[:, 0, 1], torch.zeros_like(k)) or not torch.allclose(tform[:, 1, 1], k):
+        raise ValueError("the crop transform must be a uniform scale plus a shift")
+    half = CROP_SIZE / 2
+    a = 2 * half / (k * size)
+    b = (half - tform[:, :2, 2]) * 2 / (k[:, None] * size) - 1
+    scale = image_cam[:, 0]
+    return torch.stack([scale / a, image_cam[:, 1] - b[:, 0] / scale, image_cam[:, 2] + b[:, 1] / scale], dim=1)
+
+
+def _ffhq_center(landmarks: torch.Tensor) -> torch.Tensor:
+    from diffrig.deca.rig import _ffhq_center as rig_ffhq_center
+
+    return rig_ffhq_center(landmarks)
+
+
+def _load_rig(deca_dir: str | PathLike):
+    """FLAME, albedo space and buffer renderer of a DECA folder (the encoder is not needed)."""
+    from types import SimpleNamespace
+
+    from diffrig.deca.assets import asset_path, resolve_deca_dir
+    from diffrig.deca.codes import CODE_SIZES
+    from diffrig.deca.files import TEXTURE_FILES
+    from diffrig.deca.flame import FLAME
+    from diffrig.deca.formats import read_obj
+    from diffrig.deca.render import BufferRenderer
+    from diffrig.deca.texture import AlbedoSpace
+
+    folder = resolve_deca_dir(deca_dir)
+    texture = next((folder / name for name in TEXTURE_FILES if (folder / name).is_file()), None)
+    if texture is None:
+        texture = asset_path(folder, TEXTURE_FILES[0])  # raises, naming the file and where to get it
+    flame = FLAME.from_files(asset_path(folder, "generic_model.pkl"), asset_path(folder, "landmark_embedding.npy"),
+                             n_shape=CODE_SIZES["shape"], n_exp=CODE_SIZES["exp"])
+    albedo_space = AlbedoSpace.from_file(texture, n_tex=CODE_SIZES["tex"])
+    renderer = BufferRenderer(read_obj(asset_path(folder, "head_template.obj")), image_size=CROP_SIZE)
+    return SimpleNamespace(flame=flame, albedo_space=albedo_space, renderer=renderer)
