@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,12 @@ def faces_dir(shared_dir) -> Path:
     return path
 
 
+# Tests never write into the user's ~/.cache. The built-in asset set (~340 MB, versioned and
+# deterministic) is generated once per machine into the temp dir, not once per session.
+TEST_CACHE = Path(os.environ.setdefault("DIFFRIG_CACHE", str(Path(tempfile.gettempdir()) / "diffrig-test-cache")))
+
+
 @pytest.fixture(scope="session")
-def builtin_cache(tmp_path_factory):
-    """One built-in asset cache for the whole session (generation is deterministic)."""
-    path = tmp_path_factory.mktemp("diffrig_cache")
-    os.environ["DIFFRIG_CACHE"] = str(path)
-    return path
+def builtin_cache() -> Path:
+    """The cache root holding ``builtin/<version>``."""
+    return TEST_CACHE

@@ -85,21 +85,21 @@ def test_flame_model_has_flame_layout(folder, model):
 def test_texture_files_hold_50_bgr_components(folder):
     flame_space = formats.read_texture_space(folder / "FLAME_texture.npz")
     bfm_space = formats.read_texture_space(folder / "FLAME_albedo_from_BFM.npz")
-    assert flame_space.kind == "FLAME" and flame_space.mean.shape == (512, 512, 3)
-    assert flame_space.basis.shape == (512, 512, 3, 50)
-    assert bfm_space.kind == "BFM" and bfm_space.mean.shape == (512 * 512 * 3,)
-    assert bfm_space.basis.shape == (512 * 512 * 3, 50)
-    np.testing.assert_allclose(flame_space.mean / 255.0, bfm_space.mean.reshape(512, 512, 3), atol=1e-5)
-    mean = bfm_space.mean.reshape(512, 512, 3)
-    skin = mean[60, 256]  # forehead, stored B, G, R
+    assert flame_space.kind == "FLAME" and flame_space.mean.shape == (256, 256, 3)
+    assert flame_space.basis.shape == (256, 256, 3, 50)
+    assert bfm_space.kind == "BFM" and bfm_space.mean.shape == (256 * 256 * 3,)
+    assert bfm_space.basis.shape == (256 * 256 * 3, 50)
+    np.testing.assert_allclose(flame_space.mean / 255.0, bfm_space.mean.reshape(256, 256, 3), atol=1e-5)
+    mean = bfm_space.mean.reshape(256, 256, 3)
+    skin = mean[30, 128]  # forehead, stored B, G, R
     assert skin[2] > skin[1] > skin[0] > 0.3
     mean_rgb = formats.read_rgb(folder / "mean_texture.jpg")
     assert np.abs(mean_rgb - mean[..., ::-1]).mean() < 0.01
     # the first component darkens the skin (darker for +1), the third reddens only the lips
-    tone = bfm_space.basis.reshape(512, 512, 3, 50)[..., 0]
-    assert (tone[60, 256] < -0.05).all()
-    lips = bfm_space.basis.reshape(512, 512, 3, 50)[..., 2]
-    assert np.abs(lips[60, 256]).max() == 0 and lips[..., 2].max() > 0.05
+    tone = bfm_space.basis.reshape(256, 256, 3, 50)[..., 0]
+    assert (tone[30, 128] < -0.05).all()
+    lips = bfm_space.basis.reshape(256, 256, 3, 50)[..., 2]
+    assert np.abs(lips[30, 128]).max() == 0 and lips[..., 2].max() > 0.05
 
 
 def test_masks_displacement_and_weights_load(folder):

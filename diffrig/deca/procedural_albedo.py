@@ -28,7 +28,7 @@ from diffrig.deca.procedural_head import (
 )
 from diffrig.deca.procedural_rig import LEFT_BROW, LOWER_LIP_BORDER, UPPER_LIP_BORDER
 
-TEXTURE_SIZE = 512  # DECA reshapes albedo spaces to 512 x 512 x 3
+TEXTURE_SIZE = 256  # DECA samples albedo at 256²; FLAME ships 512² (AlbedoSpace reads either)
 MASK_SIZE = 256
 NUM_TEXTURE_COMPONENTS = 50
 
