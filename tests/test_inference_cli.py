@@ -1,0 +1,146 @@
+"""scripts/inference.py: edits, grid, hand-set rigs, and one clear line for each bad input."""
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffrig.models import DiffusionRigModel
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "inference.py"
+S = 32
+
+
+@pytest.fixture(scope="module")
+def cli():
+    spec = importlib.util.spec_from_file_location("inference_cli", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def load_rig_once(builtin_cache):
+    """DECA.from_dir reads every asset: load the built-in set once for the module."""
+    from diffrig.deca.rig import DECA
+
+    load = functools.lru_cache(maxsize=None)(DECA.from_dir)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DECA, "from_dir", staticmethod(
+            lambda path=None, device="cpu", texture=None: load(str(path), device=str(device))))
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    DiffusionRigModel(image_size=S, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="",
+                      dropout=0.0, latent_dim=16).save_pretrained(path)
+    return path
+
+
+def picture(path: Path, size=(64, 64), seed=0, landmarks=True, flat=False) -> Path:
+    """A smooth picture; with ``landmarks`` a DECA-style ``.txt`` sidecar of 68 points around its centre."""
+    width, height = size
+    if flat:
+        pixels = np.full((height, width, 3), 128, dtype=np.uint8)
+    else:
+        rng = np.random.default_rng(seed)
+        yy, xx = np.mgrid[0:height, 0:width] / max(size)
+        pixels = np.stack([127 + 100 * np.sin(xx * rng.uniform(2, 6) + yy * rng.uniform(2, 6) + c)
+                           for c in range(3)], -1).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+    if landmarks:
+        angles = np.linspace(0, 2 * np.pi, 68, endpoint=False)
+        points = np.stack([width / 2 + width * 0.3 * np.cos(angles), height / 2 + height * 0.35 * np.sin(angles)], 1)
+        np.savetxt(path.with_suffix(".txt"), points)
+    return path
+
+
+def run(cli, capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_edits_grid_and_bad_sources(cli, capsys, model_dir, tmp_path):
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    picture(sources / "alice.png", seed=1)
+    picture(sources / "bob.png", seed=2)
+    picture(sources / "blank.png", flat=True, landmarks=False)  # no face anywhere
+    picture(sources / "wide.png", size=(96, 64), seed=3)  # not an aligned square
+    target = picture(tmp_path / "target.png", seed=4)
+    out = tmp_path / "out"
+    code, stdout, stderr = run(cli, capsys, "--source", sources, "--target", target, "--modes", "pose,light", "exp",
+                               "--model-path", model_dir, "--deca_dir", "builtin", "--output_dir", out,
+                               "--timestep_respacing", "ddim4", "--align", "never", "--yaw", "0", "--light", "left",
+                               "--batch_size", "4", "--quiet")
+    assert code == 1  # some sources were skipped
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in stderr
+    assert lines[0].startswith("skipped") and "blank.png" in lines[0] and "no face" in lines[0]
+    assert "wide.png" in lines[1] and "wrong image size 96x64" in lines[1]
+    written = sorted(p.name for p in out.glob("*.png"))
+    assert written == sorted(f"{name}_{mode}.png" for name in ("alice", "bob")
+                             for mode in ("pose", "light", "expression", "rig")) + ["grid.png"]
+    for name in written:
+        assert Image.open(out / name).size == ((2 + 2 * 4) * (S + 2) + 2, 2 * (S + 2) + 2) if name == "grid.png" \
+            else Image.open(out / name).size == (S, S)
+    assert "wrote 8 edits" in stdout
+
+
+def test_hand_rig_without_target_and_official_pt(cli, capsys, model_dir, tmp_path):
+    import torch
+
+    from diffrig.models import to_official_state_dict
+
+    official = tmp_path / "model000100.pt"
+    model = DiffusionRigModel.from_pretrained(model_dir)
+    torch.save(to_official_state_dict(model), official)  # the official checkpoint format
+    source = picture(tmp_path / "carol.png", seed=5)
+    out = tmp_path / "out"
+    code, stdout, stderr = run(cli, capsys, "--source", source, "--model_path", official, "--image_size", S,
+                               "--num_channels", 32, "--num_res_blocks", 1, "--channel_mult", "1,2",
+                               "--attention_resolutions", "", "--latent_dim", 16, "--deca-dir", "builtin",
+                               "--output-dir", out, "--jaw", "10", "--exp", "0.5 0.2", "--timestep-respacing", "ddim4", "-q")
+    assert code == 0, stderr
+    assert sorted(p.name for p in out.glob("*.png")) == ["carol_rig.png", "grid.png"]
+
+
+@pytest.mark.parametrize("problem", ["missing_model", "nothing_to_edit", "modes_without_target", "bad_mode",
+                                     "target_without_face", "wrong_image_size", "missing_source"])
+def test_bad_inputs_give_one_line_and_exit_1(cli, capsys, model_dir, tmp_path, problem):
+    source = picture(tmp_path / "dave.png", seed=6)
+    args = ["--source", source, "--target", picture(tmp_path / "t.png", seed=7), "--model_path", model_dir,
+            "--deca_dir", "builtin", "--output_dir", tmp_path / "out", "--timestep_respacing", "ddim4", "-q"]
+    expected = {
+        "missing_model": "model",
+        "nothing_to_edit": "nothing to edit",
+        "modes_without_target": "give --target",
+        "bad_mode": "unknown edit mode 'smile'",
+        "target_without_face": "target",
+        "wrong_image_size": "wrong image size",
+        "missing_source": "does not exist",
+    }[problem]
+    if problem == "missing_model":
+        args[5] = tmp_path / "nowhere"
+    elif problem == "nothing_to_edit":
+        args = args[:2] + args[4:] + ["--modes"]
+    elif problem == "modes_without_target":
+        args = args[:2] + args[4:] + ["--modes", "light"]
+    elif problem == "bad_mode":
+        args += ["--modes", "pose", "smile"]
+    elif problem == "target_without_face":
+        args[3] = picture(tmp_path / "blank.png", flat=True, landmarks=False)
+    elif problem == "wrong_image_size":
+        args += ["--image_size", 64]
+    else:
+        args[1] = tmp_path / "absent.png"
+    code, _, stderr = run(cli, capsys, *args)
+    assert code == 1
+    assert stderr.count("\n") == 1 and stderr.startswith("error: ") and expected in stderr, stderr
+    assert not (tmp_path / "out" / "dave_pose.png").exists()
