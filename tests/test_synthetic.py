@@ -159,7 +159,7 @@ def test_same_seed_same_bytes_other_seed_other_photos(tmp_path, world, rig):
     assert pixels.shape == (SIZE, SIZE, 3) and pixels.std() > 10
 
 
-def test_photos_of_one_identity_share_it_and_vary_the_rest(tmp_path, world):
+def test_photos_of_one_identity_share_it_and_vary_the_rest(tmp_path, world, rig):
     paths = world.write_folder(tmp_path, [2], 3, first_image=4)
     assert [p.name for p in paths] == ["00002_0004.png", "00002_0005.png", "00002_0006.png"]
     truths = [read_sidecar(sidecar_path(p)) for p in paths]
@@ -173,7 +173,13 @@ def test_photos_of_one_identity_share_it_and_vary_the_rest(tmp_path, world):
     catalogue = json.loads((tmp_path / "world" / "identities.json").read_text())
     assert catalogue["00002"]["shape"] == pytest.approx(truths[0].codes.shape[0].tolist())
     world_file = json.loads((tmp_path / "world" / "world.json").read_text())
-    assert world_file["seed"] == 0 and world_file["size"] == SIZE and world_file["images"] == [4, 7]
+    assert world_file["seed"] == 0 and world_file["size"] == SIZE
+    world.write_folder(tmp_path, [3], 1)  # more of the same world: the catalogue grows
+    assert sorted(json.loads((tmp_path / "world" / "identities.json").read_text())) == ["00002", "00003"]
+    from diffrig.data.synthetic.world import SyntheticWorld
+
+    with pytest.raises(DataError, match="another synthetic world"):
+        SyntheticWorld(rig=rig, size=SIZE, seed=9).write_folder(tmp_path, [3], 1)
 
 
 def test_written_photo_is_the_truth_of_its_sidecar(tmp_path, world):

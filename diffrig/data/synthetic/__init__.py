@@ -1,25 +1,32 @@
 """The synthetic portrait world: FFHQ-like portraits whose true rig codes are known.
 
-Every portrait is rendered from the face rig (``DECA.from_dir("builtin")`` by default) with codes
-drawn from sensible priors, plus what DECA's buffers do not carry and a diffusion model must
-learn: per-identity hair (hairline, fringe, volume, length, colour, strands), skin detail
-(freckles and moles at identity-specific places of the UV map), a specular term (per-identity
-strength and sharpness, lit by the dominant direction of the SH light) and, per photo, a
-background and clothes. A photo is a deterministic function of
+Every portrait is rendered from the face rig (``"builtin"`` by default) with codes drawn from
+sensible priors (:mod:`.priors`), plus what DECA's buffers do not carry and a diffusion model
+must learn (:mod:`.appearance`): per-identity hair (hairline, fringe, volume, length, colour,
+strands), skin detail (freckles and moles at identity-specific places of the UV map), a specular
+term (per-identity strength and sharpness, lit by the dominant direction of the SH light) and,
+per photo, a backdrop and clothes. A photo is a deterministic function of
 ``(identity, codes, tform, nuisance seed)``, so the true photo under *edited* codes can be
-rendered: the reference an edit is scored against (:meth:`SyntheticWorld.render`).
+rendered: the reference an edit is scored against (:meth:`SyntheticWorld.render`, :mod:`.world`).
 
-Folder layout (``scripts/make_synthetic.py`` / :meth:`SyntheticWorld.write_folder`), flat like
+    world = SyntheticWorld("builtin", size=64, seed=0)
+    person = world.identity(3)
+    shots = world.sample(person, range(4))                  # codes, tform, nuisance seeds
+    photos = world.render(person, shots.codes, shots.tform, shots.nuisance_seed)
+    edited = shots.codes.replace(light=other.codes.light)   # the truth of a relighting:
+    truth = world.render(person, edited, shots.tform, shots.nuisance_seed)
+    world.write_folder("album/", [3], 20)                   # or scripts/make_synthetic.py
+
+Folder layout (:meth:`SyntheticWorld.write_folder`, ``scripts/make_synthetic.py``), flat like
 FFHQ (many identities) or a personal album (``--identities 1``)::
 
-    DIR/world.json                         the world: format, seed, size, deca_dir, what was written
-    DIR/<identity:05d>_<image:04d>.png     8-bit RGB portrait, size x size
-    DIR/<identity:05d>_<image:04d>.codes.safetensors   its ground truth (below)
-    DIR/identities/<identity:05d>.safetensors          the identity's parameters (hair, skin, ...)
+    DIR/<identity:05d>_<image:04d>.png                  8-bit RGB portrait, size x size
+    DIR/<identity:05d>_<image:04d>.codes.safetensors    its ground truth (below)
+    DIR/world/world.json        the world: format, seed, size, deca_dir (one world per folder)
+    DIR/world/identities.json   the written identities' parameters (codes, hair, skin, shine) by "<identity:05d>"
 
-Image ``k`` of identity ``i`` is the same photo whichever folder it is written to (its randomness
-is seeded by ``(seed, i, k)``), so ``--first_identity`` / ``--first_image`` write held-out
-identities or further photos of a person without overlap.
+Image ``k`` of identity ``i`` is drawn from ``(seed, i, k)`` alone, so ``--first_identity`` /
+``--first_image`` write held-out people or further photos of a person without overlap.
 
 Ground-truth sidecar ``<stem>.codes.safetensors`` (format ``diffrig.synthetic.codes/1``), float32
 tensors without a batch axis, DECA's code layout (:mod:`diffrig.deca.codes`):
@@ -29,12 +36,13 @@ tensors without a batch axis, DECA's code layout (:mod:`diffrig.deca.codes`):
                    vectors, pixel centres), a uniform scale plus a shift; ``cam`` is in that
                    crop's frame, exactly what DECA's encoder would regress from the crop.
                    ``DECA.decode(codes, size=(S, S), tform=tform[None])`` renders the buffers in
-                   the PNG's frame (the face mask equals the photo's face).
+                   the PNG's frame (their alpha is the photo's face).
 
 and string metadata ``format``, ``identity``, ``image``, ``nuisance_seed``, ``world_seed``,
-``size`` (the PNG's side, pixels) and ``deca_dir``. :class:`GroundTruthCodes` reads them (the
-"estimator" behind ``create_data.py --codes ground_truth``); for an image resized to another
-size it rescales ``tform`` (:func:`diffrig.data.crop.resize_transform`).
+``size`` (the PNG's side, pixels) and ``deca_dir``; the bytes depend on the content only.
+:class:`GroundTruthCodes` reads them (the "estimator" behind ``create_data.py --codes
+ground_truth``); for an image resized to another size it rescales ``tform``
+(:func:`diffrig.data.crop.resize_transform`).
 """
 
 from diffrig.data.synthetic.sidecar import (
@@ -48,6 +56,9 @@ from diffrig.data.synthetic.sidecar import (
 )
 
 __all__ = [
+    "Identity",
+    "Portraits",
+    "SyntheticWorld",
     "SIDECAR_FORMAT",
     "SIDECAR_SUFFIX",
     "GroundTruthCodes",
@@ -56,3 +67,12 @@ __all__ = [
     "sidecar_path",
     "write_sidecar",
 ]
+
+
+def __getattr__(name: str):
+    """The world itself is imported on first use (the sidecar readers stay light)."""
+    if name in ("SyntheticWorld", "Identity", "Portraits"):
+        from diffrig.data.synthetic import world
+
+        return getattr(world, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from diffrig.data.synthetic.priors import HairStyle, SkinStyle, generator
+from diffrig.data.synthetic.priors import Draws, HairStyle, SkinStyle, generator
 from diffrig.deca.rasterizer import interpolate_face_attributes, rasterize
 
 # 68-point (iBUG) landmark indices
@@ -32,6 +32,8 @@ MOUTH = slice(48, 60)
 
 SEAM_FILL_STEPS = 6  # texels of UV-island border filled from their neighbours
 EDGE_PIXELS = 1.5  # width of the soft edges of hair outlines and clothes
+FRECKLE_TINT = (0.45, 0.62, 0.75)  # how much a full freckle darkens R, G, B
+MOLE_TINT = (0.55, 0.68, 0.72)
 HEAD_CHANNELS = ("cos_azimuth", "sin_azimuth", "height", "side")  # per-texel head coordinates
 
 
@@ -213,11 +215,11 @@ def shine_zone(head: torch.Tensor) -> torch.Tensor:
     return (0.6 + 0.8 * torch.exp(-((head[:, 3] / 0.45) ** 2)))[:, None]
 
 
-def _splat(size: int, centres: torch.Tensor, radii: torch.Tensor, strengths: torch.Tensor) -> torch.Tensor:
-    """Sum of Gaussian spots (N) at texel positions centres (N, 2) (row, column) -> (U, U)."""
-    out = torch.zeros(size * size)
+def _spots(size: int, centres: torch.Tensor, radii: torch.Tensor, strengths: torch.Tensor):
+    """Gaussian spots (N) at texel positions centres (N, 2) (row, column) on a (U, U) map, as the
+    texels they touch (T,) (flat indices, sorted) and their summed values (T,)."""
     if centres.shape[0] == 0:
-        return out.view(size, size)
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0)
     reach = int(math.ceil(2.5 * float(radii.max())))
     offsets = torch.arange(-reach, reach + 1, dtype=torch.float32)
     rows = centres[:, 0].floor()[:, None, None] + offsets[None, :, None]  # (N, P, 1)
@@ -226,8 +228,8 @@ def _splat(size: int, centres: torch.Tensor, radii: torch.Tensor, strengths: tor
     value = strengths[:, None, None] * torch.exp(-distance / (2 * radii[:, None, None] ** 2))
     rows, cols = torch.broadcast_tensors(rows, cols)
     inside = (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)
-    index = (rows * size + cols)[inside].long()
-    return out.index_add(0, index, value[inside]).view(size, size)
+    touched, slot = torch.unique((rows * size + cols)[inside].long(), return_inverse=True)
+    return touched, torch.zeros(touched.numel()).index_add(0, slot, value[inside])
 
 
 def _draw_texels(zone_cdf: torch.Tensor, count: int, g: torch.Generator) -> torch.Tensor:
@@ -243,21 +245,23 @@ def _draw_texels(zone_cdf: torch.Tensor, count: int, g: torch.Generator) -> torc
     return torch.stack([index // size, index % size], dim=1).float() + jitter
 
 
-def skin_detail(atlas: HeadAtlas, skin: SkinStyle, seed: int) -> torch.Tensor:
-    """Multiplicative albedo factor (3, U, U) darkening the skin at the identity's freckles
-    (cheeks and nose) and moles (face below the brows), placed from ``seed``."""
+def add_skin_detail(albedo: torch.Tensor, atlas: HeadAtlas, skin: SkinStyle, seed: int) -> torch.Tensor:
+    """Darken a UV albedo map (3, U, U) in place at the identity's freckles (cheeks and nose) and
+    moles (face below the brows), placed from ``seed``; returns it."""
     g = generator(seed)
     freckles = _draw_texels(atlas.freckle_cdf, skin.freckles, g)
     count = len(freckles)
-    freckle_map = _splat(atlas.size, freckles, skin.freckle_radius * (0.7 + 0.6 * torch.rand(count, generator=g)),
-                         skin.freckle_strength * (0.6 + 0.8 * torch.rand(count, generator=g)))
+    freckle_spots = _spots(atlas.size, freckles, skin.freckle_radius * (0.7 + 0.6 * torch.rand(count, generator=g)),
+                           skin.freckle_strength * (0.6 + 0.8 * torch.rand(count, generator=g)))
     moles = _draw_texels(atlas.mole_cdf, skin.moles, g)
     count = len(moles)
-    mole_map = _splat(atlas.size, moles, skin.mole_radius * (0.8 + 0.4 * torch.rand(count, generator=g)),
-                      0.8 + 0.2 * torch.rand(count, generator=g))
-    freckle_tint = torch.tensor([0.45, 0.62, 0.75])[:, None, None]
-    mole_tint = torch.tensor([0.55, 0.68, 0.72])[:, None, None]
-    return (1 - freckle_tint * freckle_map.clamp(max=1.0)) * (1 - mole_tint * mole_map.clamp(max=1.0))
+    mole_spots = _spots(atlas.size, moles, skin.mole_radius * (0.8 + 0.4 * torch.rand(count, generator=g)),
+                        0.8 + 0.2 * torch.rand(count, generator=g))
+    flat = albedo.view(3, -1)
+    for (touched, value), tint in ((freckle_spots, FRECKLE_TINT), (mole_spots, MOLE_TINT)):
+        factor = 1 - torch.tensor(tint)[:, None] * value.clamp(max=1.0)[None]
+        flat[:, touched.to(albedo.device)] *= factor.to(albedo)
+    return albedo
 
 
 def specular(normal: torch.Tensor, direction: torch.Tensor, intensity: torch.Tensor, strength: torch.Tensor,
@@ -359,26 +363,26 @@ class Nuisance:
     collar_width: float
 
 
-def _muted_colour(g: torch.Generator, low: float, high: float) -> torch.Tensor:
-    grey = low + (high - low) * float(torch.rand(1, generator=g))
-    hue = torch.rand(3, generator=g)
-    saturation = 0.5 * float(torch.rand(1, generator=g))
+def _muted_colour(draws: Draws, low: float, high: float) -> torch.Tensor:
+    grey = draws.uniform(low, high)
+    hue = draws.uniforms(0.0, 1.0, 3)
+    saturation = draws.uniform(0.0, 0.5)
     return (grey * (1 - saturation + 2 * saturation * hue)).clamp(0.0, 1.0)
 
 
 def sample_nuisance(seed: int, blobs: int = 3) -> Nuisance:
-    g = generator(seed)
+    draws = Draws(generator(seed), uniforms=16 + 10 * blobs)
     return Nuisance(
-        top=_muted_colour(g, 0.25, 0.9),
-        bottom=_muted_colour(g, 0.15, 0.8),
-        tilt=float(torch.rand(1, generator=g) - 0.5),
-        blob_centres=torch.rand(blobs, 2, generator=g) * 2.4 - 1.2,
-        blob_radii=0.2 + 0.5 * torch.rand(blobs, generator=g),
-        blob_colours=torch.stack([_muted_colour(g, 0.1, 0.95) for _ in range(blobs)]),
-        blob_strengths=0.2 + 0.5 * torch.rand(blobs, generator=g),
-        clothes=_muted_colour(g, 0.05, 0.7),
-        collar_depth=float(0.4 + 0.4 * torch.rand(1, generator=g)),
-        collar_width=float(0.4 + 0.3 * torch.rand(1, generator=g)),
+        top=_muted_colour(draws, 0.25, 0.9),
+        bottom=_muted_colour(draws, 0.15, 0.8),
+        tilt=draws.uniform(-0.5, 0.5),
+        blob_centres=draws.uniforms(-1.2, 1.2, 2 * blobs).view(blobs, 2),
+        blob_radii=draws.uniforms(0.2, 0.7, blobs),
+        blob_colours=torch.stack([_muted_colour(draws, 0.1, 0.95) for _ in range(blobs)]),
+        blob_strengths=draws.uniforms(0.2, 0.7, blobs),
+        clothes=_muted_colour(draws, 0.05, 0.7),
+        collar_depth=draws.uniform(0.4, 0.8),
+        collar_width=draws.uniform(0.4, 0.7),
     )
 
 

@@ -52,13 +52,33 @@ def derived_seed(*key: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint32)[0] >> 1)
 
 
-def _uniform(g: torch.Generator, low: float, high: float, *shape: int) -> torch.Tensor:
-    return low + (high - low) * torch.rand(shape or (1,), generator=g)
+class Draws:
+    """Random numbers drawn from a generator in one block each (uniform in [0, 1) and standard
+    normal), then handed out in order: cheap, and each draw's meaning fixed by its position."""
 
+    def __init__(self, g: torch.Generator, uniforms: int, normals: int = 0):
+        self._uniform = torch.rand(uniforms, generator=g, dtype=torch.float64).tolist()
+        self._normal = torch.randn(normals, generator=g)
+        self._u = self._z = 0
 
-def _normal(g: torch.Generator, std: float, *shape: int, clamp: float | None = None) -> torch.Tensor:
-    value = std * torch.randn(shape or (1,), generator=g)
-    return value if clamp is None else value.clamp(-clamp, clamp)
+    def uniform(self, low: float = 0.0, high: float = 1.0) -> float:
+        self._u += 1
+        return low + (high - low) * self._uniform[self._u - 1]
+
+    def uniforms(self, low: float, high: float, count: int) -> torch.Tensor:
+        return torch.tensor([self.uniform(low, high) for _ in range(count)], dtype=torch.float32)
+
+    def normals(self, count: int) -> torch.Tensor:
+        if self._z + count > self._normal.numel():
+            raise IndexError(f"only {self._normal.numel()} normal draws were made")
+        self._z += count
+        return self._normal[self._z - count:self._z]
+
+    def choice(self, weights: torch.Tensor) -> int:
+        """An index drawn with probability proportional to ``weights``."""
+        cumulative = (weights / weights.sum()).cumsum(0).tolist()
+        u = self.uniform()
+        return next((i for i, edge in enumerate(cumulative) if u < edge), len(cumulative) - 1)
 
 
 def _decaying_std(size: int, first: float, last: float) -> torch.Tensor:
@@ -116,60 +136,56 @@ class SpecularStyle:
     exponent: float
 
 
-def sample_codes_of_identity(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """FLAME shape (100,) and albedo tex (50,) codes of one identity."""
-    shape = torch.randn(CODE_SIZES["shape"], generator=g) * _decaying_std(CODE_SIZES["shape"], 1.0, 0.3)
+def sample_identity(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, HairStyle, SkinStyle, SpecularStyle]:
+    """FLAME shape (100,) and albedo tex (50,) codes, hair, skin and shine of one identity."""
+    draws = Draws(g, uniforms=40, normals=CODE_SIZES["shape"] + CODE_SIZES["tex"] + 3)
+    shape = draws.normals(CODE_SIZES["shape"]) * _decaying_std(CODE_SIZES["shape"], 1.0, 0.3)
     # the leading albedo components carry skin tone and the like; the rest mottle the skin
     tex_std = torch.cat([torch.ones(NAMED_TEX), _decaying_std(CODE_SIZES["tex"] - NAMED_TEX, 0.35, 0.15)])
-    tex = torch.randn(CODE_SIZES["tex"], generator=g) * tex_std
-    return shape, tex
+    tex = draws.normals(CODE_SIZES["tex"]) * tex_std
+    return shape, tex, _hair(draws), _skin(draws), SpecularStyle(draws.uniform(0.08, 0.3), draws.uniform(8.0, 40.0))
 
 
-def sample_hair(g: torch.Generator) -> HairStyle:
-    colour_index = int(torch.multinomial(HAIR_WEIGHTS, 1, generator=g))
-    colour = (HAIR_PALETTE[colour_index] * torch.exp(_normal(g, 0.12, 3))).clamp(0.0, 1.0)
-    fringe_kind = int(torch.multinomial(torch.tensor([0.5, 0.25, 0.25]), 1, generator=g))  # none, full, side
-    side = 1.0 if float(torch.rand(1, generator=g)) < 0.5 else -1.0
-    fringe_level, fringe_centre, fringe_width = float(_uniform(g, 0.12, 0.4)), 0.0, 0.0
+def _hair(draws: Draws) -> HairStyle:
+    colour = (HAIR_PALETTE[draws.choice(HAIR_WEIGHTS)] * torch.exp(0.12 * draws.normals(3))).clamp(0.0, 1.0)
+    fringe_kind = draws.choice(torch.tensor([0.5, 0.25, 0.25]))  # none, full, to one side
+    side = 1.0 if draws.uniform() < 0.5 else -1.0
+    fringe_level, fringe_width, fringe_centre = draws.uniform(0.12, 0.4), 0.0, 0.0
     if fringe_kind == 1:
-        fringe_width = float(_uniform(g, 0.7, 1.0))
+        fringe_width = draws.uniform(0.7, 1.0)
     elif fringe_kind == 2:
-        fringe_width = float(_uniform(g, 0.35, 0.55))
-        fringe_centre = side * float(_uniform(g, 0.25, 0.45))
-    long_hair = float(torch.rand(1, generator=g)) < 0.45
+        fringe_width, fringe_centre = draws.uniform(0.35, 0.55), side * draws.uniform(0.25, 0.45)
+    long_hair = draws.uniform() < 0.45
     return HairStyle(
         colour=colour,
-        front=float(_uniform(g, 0.55, 1.1)),
-        side_drop=float(_uniform(g, 0.1, 0.5)),
-        back_drop=float(_uniform(g, 0.8, 1.6)),
+        front=draws.uniform(0.55, 1.1),
+        side_drop=draws.uniform(0.1, 0.5),
+        back_drop=draws.uniform(0.8, 1.6),
         fringe_level=fringe_level,
         fringe_centre=fringe_centre,
         fringe_width=fringe_width,
-        wiggle=_uniform(g, 0.0, 0.08, 3),
-        wiggle_phase=_uniform(g, 0.0, 2 * math.pi, 3),
-        strand_freq=torch.tensor([23.0, 41.0, 67.0]) * _uniform(g, 0.8, 1.25, 3),
-        strand_phase=_uniform(g, 0.0, 2 * math.pi, 3),
-        width=float(_uniform(g, 0.95, 1.2) if long_hair else _uniform(g, 0.9, 1.08)),
-        height=float(_uniform(g, 1.05, 1.3)),
-        roundness=float(_uniform(g, 2.0, 3.0)),
-        length=float(_uniform(g, 1.0, 2.2) if long_hair else _uniform(g, -0.6, 0.3)),
-        flare=float(_uniform(g, 0.0, 0.12)),
+        wiggle=draws.uniforms(0.0, 0.08, 3),
+        wiggle_phase=draws.uniforms(0.0, 2 * math.pi, 3),
+        strand_freq=torch.tensor([23.0, 41.0, 67.0]) * draws.uniforms(0.8, 1.25, 3),
+        strand_phase=draws.uniforms(0.0, 2 * math.pi, 3),
+        width=draws.uniform(0.95, 1.2) if long_hair else draws.uniform(0.9, 1.08),
+        height=draws.uniform(1.05, 1.3),
+        roundness=draws.uniform(2.0, 3.0),
+        length=draws.uniform(1.0, 2.2) if long_hair else draws.uniform(-0.6, 0.3),
+        flare=draws.uniform(0.0, 0.12),
     )
 
 
-def sample_skin(g: torch.Generator) -> SkinStyle:
-    freckled = float(torch.rand(1, generator=g)) < 0.35
+def _skin(draws: Draws) -> SkinStyle:
+    freckled = draws.uniform() < 0.35
+    freckles = int(draws.uniform(30, 160))
     return SkinStyle(
-        freckles=int(torch.randint(30, 160, (1,), generator=g)) if freckled else 0,
-        freckle_strength=float(_uniform(g, 0.15, 0.35)),
-        freckle_radius=float(_uniform(g, 1.2, 2.0)),
-        moles=int(torch.randint(1, 4, (1,), generator=g)),
-        mole_radius=float(_uniform(g, 1.6, 2.6)),
+        freckles=freckles if freckled else 0,
+        freckle_strength=draws.uniform(0.15, 0.35),
+        freckle_radius=draws.uniform(1.2, 2.0),
+        moles=int(draws.uniform(1, 4)),
+        mole_radius=draws.uniform(1.6, 2.6),
     )
-
-
-def sample_specular(g: torch.Generator) -> SpecularStyle:
-    return SpecularStyle(strength=float(_uniform(g, 0.08, 0.3)), exponent=float(_uniform(g, 8.0, 40.0)))
 
 
 @dataclass
@@ -188,23 +204,26 @@ class PhotoDraw:
 
 
 def sample_photo(g: torch.Generator, nuisance_seed: int) -> PhotoDraw:
-    angles = torch.cat([_normal(g, 15.0, clamp=40.0), _normal(g, 7.0, clamp=20.0), _normal(g, 3.0, clamp=8.0)])
-    jaw = float(_normal(g, 4.0).abs().clamp(max=15.0))
-    exp = torch.randn(CODE_SIZES["exp"], generator=g) * _decaying_std(CODE_SIZES["exp"], 0.6, 0.15)
-    return PhotoDraw(angles=angles, jaw=jaw, exp=exp, light=sample_light(g), zoom=float(_normal(g, 0.04)),
-                     shift=_normal(g, 0.02, 2), nuisance_seed=nuisance_seed)
+    draws = Draws(g, uniforms=8, normals=12 + CODE_SIZES["exp"])
+    angles = (draws.normals(3) * torch.tensor([15.0, 7.0, 3.0])).clamp(torch.tensor([-40.0, -20.0, -8.0]),
+                                                                       torch.tensor([40.0, 20.0, 8.0]))
+    jaw = float((4.0 * draws.normals(1)).abs().clamp(max=15.0))
+    exp = draws.normals(CODE_SIZES["exp"]) * _decaying_std(CODE_SIZES["exp"], 0.6, 0.15)
+    zoom, shift = float(0.04 * draws.normals(1)), 0.02 * draws.normals(2)
+    return PhotoDraw(angles=angles, jaw=jaw, exp=exp, light=sample_light(draws), zoom=zoom, shift=shift,
+                     nuisance_seed=nuisance_seed)
 
 
-def sample_light(g: torch.Generator) -> torch.Tensor:
+def sample_light(draws: Draws) -> torch.Tensor:
     """An SH light (9, 3): tinted ambient plus one distant light from the front half."""
-    azimuth = math.radians(float(_uniform(g, -75.0, 75.0)))
-    elevation = math.radians(float(_uniform(g, -15.0, 55.0)))
+    azimuth = math.radians(draws.uniform(-75.0, 75.0))
+    elevation = math.radians(draws.uniform(-15.0, 55.0))
     direction = torch.tensor([math.sin(azimuth) * math.cos(elevation), math.sin(elevation),
                               math.cos(azimuth) * math.cos(elevation)])
-    warmth = float(_uniform(g, -0.12, 0.12))
+    warmth = draws.uniform(-0.12, 0.12)
     tint = torch.tensor([1.0 + warmth, 1.0, 1.0 - warmth])
-    ambient = float(_uniform(g, 0.35, 0.6)) * (1.0 + _normal(g, 0.03, 3))
-    intensity = float(_uniform(g, 0.3, 0.75)) * tint
+    ambient = draws.uniform(0.35, 0.6) * (1.0 + 0.03 * draws.normals(3))
+    intensity = draws.uniform(0.3, 0.75) * tint
     return sh_light(direction, intensity, ambient)
 
 

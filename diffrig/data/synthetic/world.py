@@ -1,22 +1,37 @@
 """The synthetic world: identities, photos of them, the true photo under any codes, and folders.
 
-Geometry is DECA's: FLAME posed by the codes, DECA's orthographic camera in the 224² crop frame,
-the crop transform ``tform`` back into the photo's frame (as :meth:`diffrig.deca.rig.DECA.decode`
-with ``tform`` does), rasterized by the rig's :class:`~diffrig.deca.render.BufferRenderer`. So
-``DECA.decode(codes, size=S, tform=tform)`` gives buffers whose face mask is the photo's face.
+A photo is ``render(identity, codes, tform, nuisance_seed)``:
+
+- the identity owns the appearance: its albedo (from its ``tex`` code, with freckles and moles),
+  hair, skin shine; ``codes.tex`` is not read (an edit keeps the person);
+- the codes' shape, expression and pose pose FLAME; ``cam`` (DECA's orthographic camera in the
+  224² crop frame) and the crop transform ``tform`` place it in the photo, exactly as
+  :meth:`diffrig.deca.rig.DECA.decode` with ``tform`` does; ``light`` (SH) shades the skin and
+  its dominant direction lights a specular term;
+- the nuisance seed draws the backdrop and the clothes.
+
+The mesh is rasterized with the rig's rasterizer and DECA's conventions, so ``DECA.decode(codes,
+size=S, tform=tform)`` gives buffers whose alpha is the photo's face and whose normals shade it.
+Only faces turned towards the camera (and spanning a pixel centre) are rasterized, which leaves
+the picture of a closed mesh such as the built-in head unchanged.
 
 Each photo is framed like an FFHQ-aligned portrait: the camera puts the FFHQ crop square of its
 own landmarks (the rule of ``scripts/align.py``: centre a tenth of the way from the eyes to the
 mouth, side ``max(4 |eye to eye|, 3.6 |eye to mouth|)``) onto the whole picture, with a little
 jitter; the crop transform is then DECA's rule on those landmarks (:mod:`diffrig.data.crop`) and
 the camera is re-expressed in that crop's frame, as DECA's encoder would report it.
+
+Randomness is seeded per identity and per photo (:mod:`diffrig.data.synthetic.priors`), so photo
+``k`` of identity ``i`` is drawn the same in any batch or folder; rendered floats may differ in
+their last bits between batch compositions (BLAS), and the same call gives the same bytes.
 """
 
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from os import PathLike
 from pathlib import Path
@@ -40,16 +55,13 @@ from diffrig.data.synthetic.priors import (
     derived_seed,
     dominant_light,
     generator,
-    sample_codes_of_identity,
-    sample_hair,
+    sample_identity,
     sample_photo,
-    sample_skin,
-    sample_specular,
 )
 from diffrig.data.synthetic.sidecar import PortraitTruth, sidecar_path, write_sidecar
 from diffrig.deca.codes import RigCodes
 from diffrig.deca.rasterizer import rasterize
-from diffrig.deca.render import DEPTH_OFFSET, orthographic_project, sh_shading, transform_points, vertex_normals
+from diffrig.deca.render import DEPTH_OFFSET, orthographic_project, sh_shading, transform_points
 from diffrig.errors import DataError
 from diffrig.rigs import head_rotation, jaw_pose
 
@@ -126,9 +138,15 @@ class Portraits:
 class SyntheticWorld:
     """Portraits of procedural people rendered with a DECA rig (the built-in one by default).
 
-    deca_dir: a DECA data folder or ``"builtin"``; rig: an already loaded
-    :class:`~diffrig.deca.rig.DECA` (its FLAME, albedo space and renderer are used; overrides
-    ``deca_dir``); size: side of the photos (64 to 256); seed: the world (identities and photos).
+    deca_dir: a DECA data folder or ``"builtin"``; rig: anything with the ``flame``,
+    ``albedo_space`` and ``renderer`` of a rig, such as a loaded :class:`~diffrig.deca.rig.DECA`
+    (overrides ``deca_dir``); size: side of the photos (64 to 256); seed: the world (identities
+    and photos); device: where rendering runs.
+
+    ``identity(i)`` -> :class:`Identity`; ``sample(identity, images)`` -> :class:`Portraits`
+    (codes, crop transforms, nuisance seeds); ``render(identity, codes, tform, seeds)`` -> photos
+    (B, 3, S, S) in [0, 1], the truth under any (edited) codes; ``render_layers`` adds the masks;
+    ``write_folder(dir, identities, per_identity)`` writes PNGs with ground-truth sidecars.
     """
 
     def __init__(self, deca_dir: str | PathLike = "builtin", size: int = 64, seed: int = 0,
@@ -148,16 +166,16 @@ class SyntheticWorld:
         self._anchors = atlas.anchors.to(self.device)
         self._helper_weights = atlas.helper_weights.to(self.device)
         self._chin = atlas.chin.to(self.device).view(1, 1, 3)
-        self._maps: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._maps: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._posed: tuple[RigCodes, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # ------------------------------------------------------------------------- people and photos
 
     def identity(self, index: int) -> Identity:
         """Identity ``index`` of this world (deterministic)."""
-        g = generator(self.seed, IDENTITY_STREAM, index)
-        shape, tex = sample_codes_of_identity(g)
-        return Identity(index=int(index), shape=shape, tex=tex, hair=sample_hair(g), skin=sample_skin(g),
-                        specular=sample_specular(g), skin_seed=derived_seed(self.seed, IDENTITY_STREAM, index, 1))
+        shape, tex, hair, skin, shine = sample_identity(generator(self.seed, IDENTITY_STREAM, index))
+        return Identity(index=int(index), shape=shape, tex=tex, hair=hair, skin=skin, specular=shine,
+                        skin_seed=derived_seed(self.seed, IDENTITY_STREAM, index, 1))
 
     @torch.no_grad()
     def sample(self, identities: Identity | Sequence[Identity], images: int | Iterable[int]) -> Portraits:
@@ -180,13 +198,16 @@ class SyntheticWorld:
         ).to(self.device)
         zoom = torch.tensor([d.zoom for d in draws], device=self.device)
         shift = torch.stack([d.shift for d in draws]).to(self.device)
-        cam, tform = self._frame(codes, zoom, shift)
-        return Portraits(codes=codes.replace(cam=cam), tform=tform, identity=[p.index for p in people],
-                         image=images, nuisance_seed=[d.nuisance_seed for d in draws])
+        posed = self.flame(codes.shape, codes.exp, codes.pose)[:2]
+        cam, tform = self._frame(posed[1], zoom, shift)
+        portraits = Portraits(codes=codes.replace(cam=cam), tform=tform, identity=[p.index for p in people],
+                              image=images, nuisance_seed=[d.nuisance_seed for d in draws])
+        self._posed = (portraits.codes, posed)
+        return portraits
 
-    def _frame(self, codes: RigCodes, zoom: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """FFHQ-like framing of posed heads: (camera in the crop frame (B, 3), tform (B, 3, 3))."""
-        _, landmarks, _ = self.flame(codes.shape, codes.exp, codes.pose)
+    def _frame(self, landmarks: torch.Tensor, zoom: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """FFHQ-like framing of posed heads, from FLAME's landmarks2d (B, 68, 3): (camera in the
+        crop frame (B, 3), tform (B, 3, 3))."""
         xy = landmarks[..., :2].double()
         eye_right, eye_left = xy[:, RIGHT_EYE].mean(1), xy[:, LEFT_EYE].mean(1)
         eye_mid = 0.5 * (eye_right + eye_left)
@@ -230,7 +251,7 @@ class SyntheticWorld:
         tform = tform.to(self.device).float()
         tform = tform.expand(batch, 3, 3) if tform.dim() == 2 else tform
 
-        vertices, landmarks, _ = self.flame(codes.shape, codes.exp, codes.pose)
+        vertices, landmarks = self._pose(codes)
         shift = torch.zeros(batch, 1, 3, device=self.device)
         if ffhq_center is not None:
             shift = (ffhq_center.to(vertices).view(-1, 3) - _ffhq_center(landmarks)).view(-1, 1, 3)
@@ -245,8 +266,8 @@ class SyntheticWorld:
         helpers = to_image(torch.cat([self._helper_weights @ vertices[:, self._anchors], self._chin + shift], 1))
         head = _sample(self._head_coordinates, surface.uv)
         albedo = torch.zeros(batch, 3, self.size, self.size, device=self.device)
-        for index, photos in self._albedo_groups(people).items():
-            albedo[photos] = _sample(self._maps[index][None], surface.uv[photos])
+        for key, photos in self._albedo_groups(people).items():
+            albedo[photos] = _sample(self._maps[key][None], surface.uv[photos])
 
         hairs = [p.hair for p in people]
         hair_colour, scalp_cover = appearance.scalp_hair(hairs, head)
@@ -270,52 +291,71 @@ class SyntheticWorld:
         return {"photo": photo.clamp(0.0, 1.0), "face": surface.alpha, "scalp_hair": scalp_cover * surface.alpha,
                 "hair_back": hair_back_cover, "clothes": clothes_cover, "normal": surface.normal}
 
+    def _pose(self, codes: RigCodes) -> tuple[torch.Tensor, torch.Tensor]:
+        """FLAME's vertices and landmarks2d of ``codes``, reusing those of the last :meth:`sample`
+        when these are its codes (writing a folder poses every head once)."""
+        if self._posed is not None:
+            last, posed = self._posed
+            if all(torch.equal(getattr(last, name), getattr(codes, name)) for name in ("shape", "exp", "pose")):
+                return posed
+        return self.flame(codes.shape, codes.exp, codes.pose)[:2]
+
     def _rasterize(self, vertices: torch.Tensor, screen: torch.Tensor) -> _Surface:
         """Rasterize the posed meshes (B, V, 3) at their image-frame positions ``screen``.
 
         As the rig's renderer (same rasterizer, DECA's depth offset, interpolated world normals and
         UVs), but only faces turned towards the camera and spanning a pixel centre are rasterized:
-        on a closed mesh the visible surface is the same, at a fraction of the cost.
+        on a closed mesh the visible surface is the same, at a fraction of the cost. (Gathers use
+        ``index_select``, much faster on CPU than advanced indexing.)
         """
         faces = self.renderer.faces
-        batch = vertices.shape[0]
-        corners = (screen[:, :, :2] + 1) * (self.size / 2) - 0.5  # pixel-centre units
-        corners = corners[:, faces]  # (B, F, 3, 2)
-        edge1, edge2 = corners[:, :, 1] - corners[:, :, 0], corners[:, :, 2] - corners[:, :, 0]
+        batch, num_faces = vertices.shape[0], faces.shape[0]
+        pixels = (screen[:, :, :2] + 1) * (self.size / 2) - 0.5  # pixel-centre units
+        a, b, c = pixels.index_select(1, faces.reshape(-1)).view(batch, num_faces, 3, 2).unbind(2)
+        edge1, edge2 = b - a, c - a
         # the screen's y points down: a face turned towards the camera runs clockwise there
         keep = edge1[..., 0] * edge2[..., 1] - edge1[..., 1] * edge2[..., 0] < 0
         # faces whose bounding box holds no pixel centre cover nothing: many of them at small sizes
-        low, high = corners.amin(2), corners.amax(2)
+        low, high = torch.minimum(torch.minimum(a, b), c), torch.maximum(torch.maximum(a, b), c)
         keep &= ((torch.ceil(low - PIXEL_SLACK) <= torch.floor(high + PIXEL_SLACK))
                  & (high > -1) & (low < self.size)).all(-1)
         count = keep.sum(1)
         order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :max(int(count.max()), 1)]
-        kept = faces[order] * (torch.arange(order.shape[1], device=self.device) < count[:, None])[..., None]
+        kept = faces.index_select(0, order.reshape(-1)).view(batch, -1, 3)
+        kept = kept * (torch.arange(order.shape[1], device=self.device) < count[:, None])[..., None]
         fragments = rasterize(screen + screen.new_tensor([0.0, 0.0, DEPTH_OFFSET]), kept, self.size, self.size)
 
         covered = fragments.pix_to_face >= 0
-        face = torch.gather(order, 1, fragments.pix_to_face.clamp(min=0).view(batch, -1)).view_as(covered)
-        bary = torch.where(covered[..., None], fragments.bary_coords, torch.zeros_like(fragments.bary_coords))
-        normals = vertex_normals(vertices, faces)
-        corner_vertices = faces[face] + (torch.arange(batch, device=self.device) * vertices.shape[1]).view(-1, 1, 1, 1)
-        normal = (bary[..., None] * normals.reshape(-1, 3)[corner_vertices]).sum(-2)
-        uv = (bary[..., None] * self.renderer.face_uvcoords[face]).sum(-2)
-        return _Surface(alpha=covered[:, None].float(), normal=normal.permute(0, 3, 1, 2), uv=uv)
+        pixel = covered.view(-1).nonzero().squeeze(1)  # interpolate where a face is, only
+        face = order.reshape(-1).index_select(
+            0, fragments.pix_to_face.view(-1).index_select(0, pixel) + pixel // self.size**2 * order.shape[1])
+        bary = fragments.bary_coords.view(-1, 3).index_select(0, pixel)[:, None]  # (N, 1, 3)
+        normals = _vertex_normals(vertices, faces).view(-1, 3)
+        corner_vertices = faces.index_select(0, face) + (pixel // self.size**2 * vertices.shape[1])[:, None]
+        normal = torch.zeros(covered.numel(), 3, device=self.device)
+        normal[pixel] = (bary @ normals.index_select(0, corner_vertices.view(-1)).view(-1, 3, 3))[:, 0]
+        uv = torch.zeros(covered.numel(), 2, device=self.device)
+        uv[pixel] = (bary @ self.renderer.face_uvcoords.index_select(0, face))[:, 0]
+        shape = (batch, self.size, self.size)
+        return _Surface(alpha=covered[:, None].float(), normal=normal.view(*shape, 3).permute(0, 3, 1, 2),
+                        uv=uv.view(*shape, 2))
 
-    def _albedo_groups(self, people: Sequence[Identity]) -> dict[int, list[int]]:
-        """Photo indices per identity, making sure every identity's albedo map is cached."""
-        groups: dict[int, list[int]] = {}
+    def _albedo_groups(self, people: Sequence[Identity]) -> dict[tuple, list[int]]:
+        """Photo indices per identity (keyed as the map cache is), making sure every identity's
+        albedo map is cached."""
+        groups: dict[tuple, list[int]] = {}
+        todo: dict[tuple, Identity] = {}
         for photo, person in enumerate(people):
-            groups.setdefault(person.index, []).append(photo)
-        missing = {p.index: p for p in people if p.index not in self._maps}
-        if missing:
-            todo = list(missing.values())
-            albedo = self.albedo(torch.stack([p.tex for p in todo]).to(self.device))
-            for person, albedo_map in zip(todo, albedo):
-                detail = appearance.skin_detail(self.atlas, person.skin, person.skin_seed).to(self.device)
-                self._maps[person.index] = albedo_map * detail
-        for index in groups:
-            self._maps.move_to_end(index)
+            key = _map_key(person)
+            groups.setdefault(key, []).append(photo)
+            if key not in self._maps:
+                todo[key] = person
+        if todo:
+            albedo = self.albedo(torch.stack([p.tex for p in todo.values()]).to(self.device))
+            for (key, person), albedo_map in zip(todo.items(), albedo):
+                self._maps[key] = appearance.add_skin_detail(albedo_map, self.atlas, person.skin, person.skin_seed)
+        for key in groups:
+            self._maps.move_to_end(key)
         while len(self._maps) > max(IDENTITY_CACHE, len(groups)):
             self._maps.popitem(last=False)
         return groups
@@ -323,7 +363,7 @@ class SyntheticWorld:
     def albedo_map(self, identity: Identity) -> torch.Tensor:
         """The identity's UV albedo (3, U, U): its tex code's albedo with its freckles and moles."""
         self._albedo_groups([identity])
-        return self._maps[identity.index]
+        return self._maps[_map_key(identity)]
 
     def render_portraits(self, portraits: Portraits) -> torch.Tensor:
         """The photos (B, 3, S, S) of sampled portraits."""
@@ -344,15 +384,20 @@ class SyntheticWorld:
                             "(and a first image index of 0 or more)")
         output = Path(output_dir)
         (output / WORLD_FOLDER).mkdir(parents=True, exist_ok=True)
-        (output / WORLD_FOLDER / "world.json").write_text(json.dumps({
-            "format": WORLD_FORMAT, "seed": self.seed, "size": self.size, "deca_dir": self.deca_dir,
-            "identities": identities, "images": [first_image, first_image + per_identity],
-        }, indent=2) + "\n")
+        description = {"format": WORLD_FORMAT, "seed": self.seed, "size": self.size, "deca_dir": self.deca_dir}
+        world_file = output / WORLD_FOLDER / "world.json"
+        if world_file.is_file() and json.loads(world_file.read_text()) != description:
+            raise DataError(f"{output} holds portraits of another synthetic world ({world_file.read_text().strip()}); "
+                            "write this one to another folder")
+        world_file.write_text(json.dumps(description, indent=2) + "\n")
         described = output / WORLD_FOLDER / "identities.json"
         catalogue = json.loads(described.read_text()) if described.is_file() else {}
         jobs = [(i, k) for i in identities for k in range(first_image, first_image + per_identity)]
-        written = []
-        with tqdm(total=len(jobs), desc="portraits", unit="img", disable=not progress) as bar:
+        written = [output / f"{i:05d}_{k:04d}.png" for i, k in jobs]
+        pending: deque[Future] = deque()
+        # PNG and sidecar writing (zlib and file I/O) overlaps the next batch's rendering
+        with tqdm(total=len(jobs), desc="portraits", unit="img", disable=not progress) as bar, \
+                ThreadPoolExecutor(max_workers=1) as writer:
             for start in range(0, len(jobs), batch_size):
                 chunk = jobs[start:start + batch_size]
                 people = {i: self.identity(i) for i, _ in chunk}
@@ -361,14 +406,27 @@ class SyntheticWorld:
                 photos = self.render([people[i] for i, _ in chunk], portraits.codes, portraits.tform,
                                      portraits.nuisance_seed)
                 pixels = (photos * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-                for index, (i, k) in enumerate(chunk):
-                    path = output / f"{i:05d}_{k:04d}.png"
-                    Image.fromarray(np.ascontiguousarray(pixels[index])).save(path, compress_level=1)
-                    write_sidecar(sidecar_path(path), portraits.truth(index, self.size, self.seed, self.deca_dir))
-                    written.append(path)
+                truths = [portraits.truth(index, self.size, self.seed, self.deca_dir) for index in range(len(chunk))]
+                pending.append(writer.submit(_write_portraits, written[start:start + batch_size], pixels, truths))
+                while len(pending) > 1:
+                    pending.popleft().result()
                 bar.update(len(chunk))
+            while pending:
+                pending.popleft().result()
         described.write_text(json.dumps(catalogue, sort_keys=True) + "\n")
         return written
+
+
+def _map_key(identity: Identity) -> tuple:
+    """What an identity's albedo map depends on."""
+    return identity.index, identity.skin_seed, identity.tex.numpy().tobytes(), repr(identity.skin)
+
+
+def _write_portraits(paths: list[Path], pixels: np.ndarray, truths: list[PortraitTruth]) -> None:
+    """PNGs (B, S, S, 3) uint8 and their sidecars."""
+    for path, image, truth in zip(paths, pixels, truths):
+        Image.fromarray(np.ascontiguousarray(image)).save(path, compress_level=1)
+        write_sidecar(sidecar_path(path), truth)
 
 
 @dataclass
@@ -379,6 +437,19 @@ class _Surface:
     alpha: torch.Tensor
     normal: torch.Tensor
     uv: torch.Tensor
+
+
+def _vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """:func:`diffrig.deca.render.vertex_normals` (B, V, 3), the same arithmetic in the same order
+    (so the same bits), gathering with ``index_select``."""
+    batch, num_vertices = vertices.shape[:2]
+    flat_faces = (faces[None] + num_vertices * torch.arange(batch, device=vertices.device)[:, None, None]).view(-1, 3)
+    corners = vertices.reshape(-1, 3).index_select(0, flat_faces.view(-1)).view(-1, 3, 3)
+    face_normal = torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], dim=-1)
+    summed = vertices.new_zeros(batch * num_vertices, 3)
+    for corner in range(3):
+        summed = summed.index_add(0, flat_faces[:, corner], face_normal)
+    return F.normalize(summed, eps=1e-6, dim=1).view(batch, num_vertices, 3)
 
 
 def _sample(maps: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
@@ -397,15 +468,16 @@ class UVAlbedo:
     def __init__(self, space):
         side, size = space.texture_side, space.uv_size
         index = torch.floor(torch.arange(size, dtype=torch.float64) * (side / size)).long().clamp(max=side - 1)
-        keep = ((index[:, None] * side + index[None, :])[..., None] * 3 + torch.arange(3)).reshape(-1)
+        bgr_to_rgb = torch.tensor([2, 1, 0])  # the spaces store B, G, R pixel by pixel
+        keep = ((index[:, None] * side + index[None, :])[None] * 3 + bgr_to_rgb[:, None, None]).reshape(-1)
         self.size = size
         self.mean = space.mean[:, keep].clone()
         self.basis = space.basis[:, keep].clone()
 
     def __call__(self, tex: torch.Tensor) -> torch.Tensor:
         self.mean, self.basis = self.mean.to(tex.device), self.basis.to(tex.device)
-        flat = torch.addmm(self.mean, tex.to(self.basis.dtype), self.basis)
-        return flat.view(-1, self.size, self.size, 3).permute(0, 3, 1, 2).flip(1)
+        flat = torch.mm(tex.to(self.basis.dtype), self.basis).add_(self.mean)  # addmm would copy the mean first
+        return flat.view(-1, 3, self.size, self.size)
 
 
 def _camera_in_crop(image_cam: torch.Tensor, tform: torch.Tensor, size: int) -> torch.Tensor:
