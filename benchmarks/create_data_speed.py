@@ -21,7 +21,8 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader
 from diffrig.data.create import (
     CropInputs,
     _encode,
+    _encode_workers,
     _with_mean_shape,
     batch_codes,
     collate,
@@ -139,15 +141,16 @@ def main() -> None:
     sync(device)
     device_rate = repeats * len(batch.names) / (time.perf_counter() - start)
 
-    threads = min(32, os.cpu_count() or 1)
+    encoders = max(1, _encode_workers(None, device))
     codes = codes.float().cpu()
-    with ThreadPoolExecutor(threads) as pool:
+    jobs = [(batch.names[i], batch.images[i], buffers[i], codes[i], batch.tforms[i]) for i in range(len(batch.names))]
+    with ProcessPoolExecutor(encoders, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        list(pool.map(_encode, *zip(*jobs[:encoders])))  # start the workers
         start = time.perf_counter()
-        list(pool.map(lambda i: _encode(batch.names[i], batch.images[i], buffers[i], codes[i], batch.tforms[i]),
-                      range(len(batch.names))))
-        encode_rate = len(batch.names) / (time.perf_counter() - start)
+        list(pool.map(_encode, *zip(*(jobs * 4))))
+        encode_rate = 4 * len(jobs) / (time.perf_counter() - start)
     print(f"stages alone: loader {loader_rate:.0f}/s, crop+encode+render {device_rate:.0f}/s (incl. copy to CPU), "
-          f"record encoding {encode_rate:.0f}/s ({threads} threads)")
+          f"record encoding {encode_rate:.0f}/s ({encoders} processes)")
     print(json.dumps({"images_per_s": round(rate, 1), "count": args.count, "image_size": args.image_size,
                       "batch_size": args.batch_size, "device": str(device),
                       "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

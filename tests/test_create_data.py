@@ -402,3 +402,14 @@ def test_landmark_sidecars_mat_before_txt_and_bad_ones_named(tmp_path):
     (tmp_path / "face.txt").write_text("not numbers at all\n")
     with pytest.raises(ImageRejected, match="landmark file face.txt unreadable"):
         sidecar_landmarks(image)
+
+
+def test_encoding_in_worker_processes_writes_the_same_records(truth, deca_dir, tmp_path):
+    options = dict(image_size=32, use_meanshape=False, deca_dir=deca_dir, codes="ground_truth", batch_size=2,
+                   device="cpu", num_workers=0, progress=False)
+    create_dataset(truth, tmp_path / "inline.lmdb", encode_workers=0, **options)
+    create_dataset(truth, tmp_path / "pool.lmdb", encode_workers=2, **options)
+    inline, pooled = samples(tmp_path / "inline.lmdb"), samples(tmp_path / "pool.lmdb")
+    assert [s.name for s in inline] == [s.name for s in pooled]
+    for a, b in zip(inline, pooled):
+        assert torch.equal(a.image, b.image) and torch.equal(a.buffers, b.buffers)

@@ -39,7 +39,8 @@ import logging
 import os
 import sys
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -301,14 +302,16 @@ def default_device() -> torch.device:
 def create_dataset(data_dir: str | Path, output_dir: str | Path, image_size: int = 256, use_meanshape: bool = False,
                    deca_dir: str | Path | None = None, codes: str = "deca", batch_size: int = 64,
                    device: str | torch.device | None = None, num_workers: int | None = None,
-                   encode_threads: int | None = None, progress: bool = True) -> CreateSummary:
+                   encode_workers: int | None = None, progress: bool = True) -> CreateSummary:
     """Fill (or continue) the LMDB dataset ``output_dir`` from the images of ``data_dir``.
 
     deca_dir: a DECA data folder, ``"builtin"`` or None (``DIFFRIG_DECA_DIR`` or ``./data``).
     codes: ``"deca"`` (DECA's encoder on the crops) or ``"ground_truth"`` (the synthetic world's
         ``x.codes.safetensors`` sidecars: codes and crop transform, no landmarks, no encoder).
     num_workers: DataLoader processes for loading and landmarks (default: up to 8 on CUDA, 0 on CPU).
-    encode_threads: threads compressing records to PNG (default: the CPU count, at most 32).
+    encode_workers: processes compressing records to PNG while the device renders (PNG encoding
+        holds the GIL, so threads would not help); 0 encodes in this process. Default: the CPU
+        count (at most 16) on CUDA, 0 on CPU.
 
     Raises DataError when there is nothing to read, when ``output_dir`` holds a dataset made with
     other settings or files, or when no image could be used; AssetError for missing DECA files.
@@ -358,7 +361,7 @@ def create_dataset(data_dir: str | Path, output_dir: str | Path, image_size: int
             summary.rejected += rejected
             summary.mean_shape_file = output / MEAN_SHAPE_FILE
         _write_records(deca, writer, DataLoader(inputs, **loader_options), len(inputs), mean_shape, image_size,
-                       encode_threads or min(32, os.cpu_count() or 1), summary, progress)
+                       _encode_workers(encode_workers, deca.device), summary, progress)
         summary.rejected_file = write_rejected(output, summary.rejected)
         if writer.count == 0:
             raise DataError(f"no usable image in {data_dir}" +
@@ -367,13 +370,30 @@ def create_dataset(data_dir: str | Path, output_dir: str | Path, image_size: int
     return summary
 
 
+def _encode_workers(requested: int | None, device: torch.device) -> int:
+    if requested is not None:
+        return requested
+    return min(16, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
+
+
+class _InlineExecutor(Executor):
+    """Runs each call at submit: the encoding pool for ``encode_workers=0``."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
 def _write_records(deca, writer: RecordWriter, loader: DataLoader, total: int, mean_shape: torch.Tensor | None,
-                   image_size: int, threads: int, summary: CreateSummary, progress: bool) -> None:
+                   image_size: int, workers: int, summary: CreateSummary, progress: bool) -> None:
     """Render and append every batch of ``loader``, counting into ``summary``. Records are
-    compressed in a thread pool while the device works on the next batches."""
+    compressed in a process pool while the device works on the next batches."""
     bar = tqdm(total=total, desc="creating", unit="img", disable=not progress)
     in_flight: deque[list[Future]] = deque()
-    pool = ThreadPoolExecutor(threads)
+    # forkserver: the workers must not inherit this process's CUDA context
+    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+            if workers > 0 else _InlineExecutor())
     try:
         for batch in loader:
             summary.rejected += batch.rejected

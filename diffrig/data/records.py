@@ -5,13 +5,13 @@ A record is a safetensors blob holding
 - ``image.png``     uint8 (N,)   the photo, an 8-bit RGB PNG;
 - ``buffers8.png``  uint8 (N,)   the buffer channels whose span is at most 1 (albedo, most of
   rendered), quantised to 8 bits and stacked vertically into one grey PNG;
-- ``buffers16.png`` uint8 (N,)   the wider ones (normal), likewise at 16 bits;
+- ``buffers16.png`` uint8 (N,)   the wider ones (normal x, y), at 1/1020 steps in a 16-bit PNG;
 - ``buffers.quant`` float32 (9, 3) per channel: step, zero level, bits (value = (q - zero) * step);
 - ``codes``         float32 (C,)  the flat rig codes the buffers were rendered from;
 - ``tform``         float32 (3, 3) the crop transform (re-render the buffers in the image frame);
 
 and the source file name in the safetensors metadata. Every channel stays within half a step of
-float32 (at most 1/510 for 8-bit channels, far less for 16-bit ones), zero (the background)
+float32 (at most 1/508 for 8-bit channels, 1/2040 for the wider ones), zero (the background)
 decodes exactly, and PNG's compression of the empty background keeps a 256² record at a small
 fraction of the official pickled format.
 """
@@ -58,16 +58,18 @@ def _unpng(data: torch.Tensor) -> np.ndarray:
 
 
 def _quantisation(x: torch.Tensor) -> torch.Tensor:
-    """(C,H,W) -> (C,3) rows (step, zero level, bits). A span of at most 1 fits 8 bits within
-    half of 1/255; wider channels take 16 bits. Zero is always a level, so the empty background
-    decodes as exactly 0."""
+    """(C,H,W) -> (C,3) rows (step, zero level, bits). A channel of span at most 1 takes 8 bits
+    (error at most 1/508); a wider one (normals span 2, rendered may exceed 1) takes as many levels
+    as keep its error at 1/2040, stored in a 16-bit PNG whose unused high bits compress away. Zero
+    is always a level, so the empty background decodes as exactly 0."""
     low = x.amin(dim=(1, 2)).clamp(max=0)
     high = x.amax(dim=(1, 2)).clamp(min=0)
     span = high - low
-    bits = torch.where(span <= 1.0, 8.0, 16.0)
-    levels = 2.0**bits - 2  # one level of slack for rounding the zero level
+    narrow = span <= 1.0
+    levels = torch.where(narrow, torch.full_like(span, 254.0), (span * 1020).ceil().clamp(max=65534))
     step = (span / levels).clamp_min(1e-12)
     zero = (-low / step).round()
+    bits = torch.where(narrow, 8.0, 16.0)
     return torch.stack([step, zero, bits], dim=1)
 
 
