@@ -1,0 +1,229 @@
+"""Training throughput and peak memory of diffrig's trainer step, optionally beside the official code.
+
+Step mode (default) times ``diffrig.training``'s own optimisation step (the one ``train()`` runs:
+P2 loss, backward, clipping, agreement on the loss across processes, Adam, optional EMA) on
+synthetic batches already on the device, after ``--warmup`` steps (which include compilation).
+``--official_repo PATH`` builds the official DiffusionRig model from a checkout of
+adobe-research/diffusion-rig and times its ``TrainLoop`` step in the same process (fp16 autocast,
+GradScaler, Adam, clipping at 1.0, the per-step loss logging; without DDP on one GPU), then
+prints the ratios. End-to-end mode (``--end_to_end``) runs ``train()`` itself on a synthetic
+LMDB (an album for stage 2) and reports the wall time, checkpoints and sample grids included.
+
+    # stage 1, the paper's 256² settings, batch 32, one GPU:
+    python benchmarks/train_speed.py --preset paper --official_repo ../diffusion-rig
+    # stage 2 (batch 4, encoder frozen): step time, then the whole 5000-step run
+    python benchmarks/train_speed.py --preset paper --stage 2 --official_repo ../diffusion-rig
+    python benchmarks/train_speed.py --preset paper --stage 2 --end_to_end --max_steps 5000
+    # variants: --compile false, --compile_mode max-autotune-no-cudagraphs, --gradient_checkpointing true
+    # on a CPU, in seconds:
+    python benchmarks/train_speed.py --preset tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from diffrig.training.cli import _bool
+from diffrig.training.config import load_config
+from diffrig.training.model_source import new_model
+from diffrig.training.step import build_training
+from diffrig.training.trainer import make_accelerator, train
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PRESETS = {("paper", 1): "stage1_256.yaml", ("paper", 2): "stage2_256.yaml",
+           ("tiny", 1): "tiny_cpu.yaml", ("tiny", 2): "tiny_cpu.yaml"}
+OVERRIDABLE = {"batch_size": int, "mixed_precision": str, "compile": _bool, "compile_mode": str,
+               "channels_last": _bool, "gradient_checkpointing": _bool, "fused_optimizer": _bool, "ema": _bool,
+               "gradient_accumulation_steps": int, "max_steps": int}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def memory_gib(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+
+
+def synthetic_batch(batch_size: int, size: int, device, channels_last: bool, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return {"image": (torch.rand(batch_size, 3, size, size, generator=g) * 2 - 1).to(device).contiguous(memory_format=layout),
+            "buffers": torch.rand(batch_size, 9, size, size, generator=g).to(device).contiguous(memory_format=layout)}
+
+
+def time_steps(run_step, device, warmup: int, steps: int) -> dict:
+    reset_memory(device)
+    start = time.perf_counter()
+    for _ in range(warmup):
+        run_step()
+    synchronize(device)
+    warmup_s = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        run_step()
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    return {"warmup_s": warmup_s, "s_per_step": elapsed / steps, **memory_gib(device)}
+
+
+def bench_ours(config, warmup: int, steps: int) -> dict:
+    accelerator = make_accelerator(config, with_tracker=False)
+    torch.manual_seed(0)
+    parts = build_training(config, accelerator, new_model(config.model))
+    batch = synthetic_batch(config.batch_size, config.model["image_size"], accelerator.device, config.channels_last)
+    micro = [batch] * config.gradient_accumulation_steps
+    result = time_steps(lambda: parts.step(micro), accelerator.device, warmup, steps)
+    del parts
+    torch._dynamo.reset()
+    reset_memory(accelerator.device)
+    return result
+
+
+def bench_official(repo: Path, config, warmup: int, steps: int) -> dict:
+    """The official TrainLoop.run_step, rebuilt from the user's checkout (one process, no DDP)."""
+    sys.path.insert(0, str(repo))
+    from diffusion.resample import create_named_schedule_sampler
+    from utils.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+    options = model_and_diffusion_defaults()
+    options.update({k: v for k, v in config.model.items() if k in options})
+    options.update(p2_weight=True, p2_gamma=config.p2_gamma, p2_k=config.p2_k,
+                   diffusion_steps=config.num_train_timesteps)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, diffusion = create_model_and_diffusion(**options)
+    model.to(device).train()
+    if config.stage == 2:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name.startswith("denoisingUNet."))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    sampler = create_named_schedule_sampler("uniform", diffusion)
+    batch = synthetic_batch(config.batch_size, config.model["image_size"], device, channels_last=False)
+
+    def run_step():
+        optimizer.zero_grad()
+        t, weights = sampler.sample(batch["image"].shape[0], device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            losses = diffusion.training_losses(model, batch["image"], t,
+                                               model_kwargs={"physic_cond": batch["buffers"], "x_start": batch["image"]})
+            loss = (losses["loss"] * weights).mean()
+        for values in losses.values():  # log_loss_dict: one .item() per loss term
+            (values * weights).mean().item()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+
+    result = time_steps(run_step, device, warmup, steps)
+    del model, optimizer
+    reset_memory(device)
+    return result
+
+
+def end_to_end(config, steps: int) -> dict:
+    """``train()`` on a synthetic dataset (20 photos for stage 2, 64 for stage 1) for ``steps`` steps."""
+    from diffrig.data.lmdb_store import DatasetMeta, RecordWriter
+    from diffrig.data.records import Sample
+
+    size = config.model["image_size"]
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        g = torch.Generator().manual_seed(0)
+        with RecordWriter(scratch / "data.lmdb", DatasetMeta(size, "benchmark", {"codes": 236})) as writer:
+            for i in range(20 if config.stage == 2 else 64):
+                writer.append([Sample(name=f"{i}.png", image=torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g),
+                                      buffers=torch.rand(9, size, size, generator=g), codes=torch.zeros(236),
+                                      tform=torch.eye(3))])
+            writer.finish()
+        overrides = {"data_dir": str(scratch / "data.lmdb"), "output_dir": str(scratch / "run"), "max_steps": steps}
+        if config.stage == 2:
+            torch.manual_seed(0)
+            new_model(config.model).save_pretrained(scratch / "stage1")
+            overrides["init_from"] = str(scratch / "stage1")
+        run_config = load_config(None, {**config.to_dict(), **overrides})
+        start = time.perf_counter()
+        result = train(run_config)
+        elapsed = time.perf_counter() - start
+    return {"steps": result.step, "wall_s": elapsed, "wall_min": elapsed / 60}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=["paper", "tiny"], default="paper")
+    parser.add_argument("--stage", type=int, choices=[1, 2], default=1)
+    parser.add_argument("--image_size", type=int, help="override the preset's model image_size")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument("--official_repo", type=Path, help="a checkout of adobe-research/diffusion-rig")
+    parser.add_argument("--official_only", action="store_true")
+    parser.add_argument("--end_to_end", action="store_true", help="run train() on synthetic data instead")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    for name, kind in OVERRIDABLE.items():
+        parser.add_argument(f"--{name}", type=kind)
+    args = parser.parse_args()
+
+    overrides = {name: getattr(args, name) for name in OVERRIDABLE if getattr(args, name) is not None}
+    overrides.update(stage=args.stage, tracker="none")
+    if args.image_size:
+        overrides["model"] = {"image_size": args.image_size}
+    config = load_config(CONFIGS / PRESETS[(args.preset, args.stage)], overrides)
+    if args.preset == "tiny" and args.stage == 2:
+        config.freeze_encoder = True
+    setting = {"preset": args.preset, "stage": config.stage, "batch_size": config.batch_size,
+               "image_size": config.model["image_size"], "mixed_precision": config.mixed_precision,
+               "compile": config.compile, "compile_mode": config.compile_mode, "channels_last": config.channels_last,
+               "gradient_checkpointing": config.gradient_checkpointing, "ema": config.ema,
+               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    report = {"setting": setting}
+
+    if args.end_to_end:
+        report["end_to_end"] = end_to_end(config, config.max_steps)
+    else:
+        images_per_step = config.batch_size * config.gradient_accumulation_steps
+        if args.official_repo:
+            report["official"] = bench_official(args.official_repo.resolve(), config, args.warmup, args.steps)
+        if not args.official_only:
+            report["ours"] = bench_ours(config, args.warmup, args.steps)
+        for side in ("official", "ours"):
+            if side in report:
+                report[side]["images_per_s"] = images_per_step / report[side]["s_per_step"]
+                report[side]["projected_5000_steps_min"] = (report[side]["warmup_s"]
+                                                            + 5000 * report[side]["s_per_step"]) / 60
+        if "official" in report and "ours" in report:
+            ours, official = report["ours"], report["official"]
+            report["ratios"] = {"throughput": ours["images_per_s"] / official["images_per_s"]}
+            for key in ("peak_allocated_gib", "peak_reserved_gib"):
+                if key in ours:
+                    report["ratios"][key.replace("_gib", "_memory")] = ours[key] / official[key]
+
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Training configuration: one dataclass, read from YAML, overridden key by key from the command line.
+
+Names follow the official ``scripts/train.py`` flags where one exists (``lr``, ``batch_size``,
+``max_steps``, ``weight_decay``, ``num_workers``); ``model`` holds the official architecture options
+(``image_size``, ``num_channels``, ``latent_dim``, ``encoder_type``, ...) of :class:`DiffusionRigModel`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffrig.errors import DiffrigError
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+TRACKERS = ("tensorboard", "none")
+
+
+@dataclass
+class TrainConfig:
+    # what to train on, where to write it
+    stage: int = 1  # 1: generic prior (LMDB of many faces); 2: personal prior (album LMDB)
+    data_dir: str = ""
+    output_dir: str = ""
+    init_from: str = ""  # diffrig model dir or official model*.pt; stage 2 starts from one
+    resume: str = ""  # "" (start fresh), "latest" (newest checkpoint if any) or a checkpoint dir
+    model: dict = field(default_factory=dict)  # DiffusionRigModel options, official names
+
+    # diffusion objective (official: 1000 linear-β steps, P2 weighting γ = k = 1)
+    num_train_timesteps: int = 1000
+    p2_gamma: float = 1.0
+    p2_k: float = 1.0
+
+    # optimisation (official: Adam, constant lr, gradient norm clipped at 1.0)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    batch_size: int = 32  # per process
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 50000  # optimizer steps in all; 0 trains until stopped
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    freeze_encoder: bool = False  # stage 2: only the UNet learns
+    freeze_encoder_batchnorm: bool = False  # also hold the frozen encoder's BatchNorm statistics
+    ema: bool = False
+    ema_decay: float = 0.9999
+    seed: int = 0
+
+    # precision and speed
+    mixed_precision: str = "bf16"
+    channels_last: bool = True
+    compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode: default, reduce-overhead, max-autotune, ...
+    gradient_checkpointing: bool = False
+    fused_optimizer: bool = True  # fused Adam kernel on CUDA
+    allow_tf32: bool = True
+    num_workers: int = 4
+
+    # bookkeeping
+    log_every: int = 10
+    checkpoint_every: int = 5000  # 0: only at the end (and on a stop signal)
+    keep_checkpoints: int = 2  # the newest K; 0 keeps all
+    sample_every: int = 1000  # 0: no sample grids
+    sample_count: int = 8
+    sample_steps: int = 20  # DDIM steps of the sample grid
+    max_nonfinite_steps: int = 5  # consecutive skipped steps before training stops
+    tracker: str = "tensorboard"
+
+    def validate(self) -> TrainConfig:
+        """Check values a run cannot start with; raises DiffrigError naming the setting."""
+        problems = []
+        if self.stage not in (1, 2):
+            problems.append(f"stage must be 1 or 2, got {self.stage}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            problems.append(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+        if self.tracker not in TRACKERS:
+            problems.append(f"tracker must be one of {', '.join(TRACKERS)}, got {self.tracker!r}")
+        for name in ("batch_size", "gradient_accumulation_steps", "sample_count", "sample_steps",
+                     "max_nonfinite_steps", "log_every", "num_train_timesteps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "checkpoint_every", "keep_checkpoints", "sample_every", "num_workers",
+                     "max_grad_norm", "weight_decay"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if not self.lr > 0:
+            problems.append(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not isinstance(self.model, dict):
+            problems.append("model must be a mapping of architecture options (image_size: 256, ...)")
+        if problems:
+            raise DiffrigError("invalid training configuration: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """A YAML or command-line value as the field's type ("1e-4" -> 1e-4, "false" -> False)."""
+    kind = type(getattr(TrainConfig(), name))
+    if name == "model":
+        if not isinstance(value, dict):
+            raise DiffrigError(f"model must be a mapping of architecture options, got {value!r}")
+        return dict(value)
+    if value is None and kind is str:
+        return ""
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in ("true", "yes", "1", "on"):
+                    return True
+                if lowered in ("false", "no", "0", "off"):
+                    return False
+                raise ValueError(value)
+            if isinstance(value, (bool, int)):
+                return bool(value)
+            raise ValueError(value)
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise DiffrigError(f"{name} must be a {kind.__name__}, got {value!r}") from None
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise DiffrigError(f"unknown training setting(s) {', '.join(unknown)}; valid settings: {', '.join(FIELDS)}")
+    return TrainConfig(**{name: _coerce(name, value) for name, value in values.items()})
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+    """The defaults, updated by the YAML file at ``path`` and then by ``overrides``.
+
+    ``overrides`` may hold ``model`` as a mapping: its keys update the file's model options one by one.
+    """
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise DiffrigError(f"config file {path} not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise DiffrigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise DiffrigError(f"{path} must hold a mapping of settings, not a {type(loaded).__name__}")
+        values.update(loaded or {})
+    for name, value in (overrides or {}).items():
+        if name == "model" and isinstance(values.get("model"), dict) and isinstance(value, dict):
+            values["model"] = {**values["model"], **value}
+        else:
+            values[name] = value
+    return config_from_dict(values).validate()
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,118 @@
+"""The pieces of a training run and its optimisation step, shared by the trainer and the speed benchmark.
+
+One step: for each micro-batch draw timesteps and noise, compute the P2-weighted loss and
+backpropagate (gradients synchronised on the last micro-batch only); clip the gradient norm; agree
+across processes on the mean loss, whether any process saw a non-finite loss and whether any was
+asked to stop (one all-reduce of four numbers, the step's only host synchronisation); then either
+take the optimizer (and EMA) step or, after a non-finite loss, drop the gradients and put back the
+BatchNorm statistics that the forward pass moved, so that a skipped step leaves no trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+
+from diffrig.diffusion import NoiseSchedule, make_schedule
+from diffrig.models import DiffusionRigModel
+from diffrig.training.config import TrainConfig
+from diffrig.training.ema import create_ema
+from diffrig.training.objective import DiffusionObjective
+
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+@dataclass
+class StepStats:
+    loss: float  # mean over micro-batches and processes (nan when non-finite)
+    grad_norm: float  # before clipping; 0 when clipping is off
+    nonfinite: bool  # some process saw a non-finite loss: the step was skipped
+    stop: bool  # some process was asked to stop
+
+
+@dataclass
+class TrainingParts:
+    model: DiffusionRigModel  # the plain module (weights, sampling, saving)
+    objective: torch.nn.Module  # DiffusionObjective as prepared by Accelerate (DDP, autocast)
+    optimizer: torch.optim.Optimizer  # as prepared by Accelerate
+    ema: EMAModel | None
+    schedule: NoiseSchedule
+    step: TrainStep
+
+
+class TrainStep:
+    def __init__(self, accelerator: Accelerator, objective, optimizer, model, ema, config: TrainConfig):
+        self.accelerator, self.objective, self.optimizer, self.model, self.ema = (
+            accelerator, objective, optimizer, model, ema)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        # BatchNorm statistics change in the forward pass; a skipped step puts them back
+        self.buffers = [b for b in model.buffers() if b.is_floating_point() or b.dtype == torch.long]
+        self.buffer_snapshot = [b.clone() for b in self.buffers]
+        self.max_grad_norm = config.max_grad_norm
+        self.num_train_timesteps = config.num_train_timesteps
+        self.forward = torch.compile(objective, mode=config.compile_mode) if config.compile else objective
+        self.mark_cuda_graph_step = config.compile and config.compile_mode in CUDA_GRAPH_MODES
+
+    def __call__(self, micro_batches: list[dict], stop_requested: bool = False) -> StepStats:
+        accelerator = self.accelerator
+        if self.mark_cuda_graph_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        if self.buffers:
+            torch._foreach_copy_(self.buffer_snapshot, self.buffers)
+        total = torch.zeros((), device=accelerator.device)
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            image = batch["image"]
+            timesteps = torch.randint(0, self.num_train_timesteps, (image.shape[0],), device=image.device)
+            noise = torch.randn_like(image)
+            with contextlib.nullcontext() if last else accelerator.no_sync(self.objective):
+                loss = self.forward(image, batch["buffers"], timesteps, noise).mean()
+                accelerator.backward(loss / len(micro_batches))
+            total += loss.detach().float()
+        if self.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(self.trainable, self.max_grad_norm).float()
+        else:
+            grad_norm = torch.zeros((), device=accelerator.device)
+        mean_loss = total / len(micro_batches)
+        local = torch.stack([mean_loss, (~torch.isfinite(mean_loss)).float(),
+                             torch.full((), float(stop_requested), device=accelerator.device), grad_norm])
+        loss_sum, nonfinite, stop, grad_norm_sum = accelerator.reduce(local, reduction="sum").tolist()
+        world = accelerator.num_processes
+        if nonfinite > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.buffers:
+                torch._foreach_copy_(self.buffers, self.buffer_snapshot)
+            scaler = accelerator.scaler
+            if scaler is not None:  # forget this step's unscale and back the scale off, as an overflow would
+                scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.step(self.model.parameters())
+        return StepStats(loss=loss_sum / world, grad_norm=grad_norm_sum / world, nonfinite=nonfinite > 0,
+                         stop=stop > 0)
+
+
+def build_training(config: TrainConfig, accelerator: Accelerator, model: DiffusionRigModel) -> TrainingParts:
+    """Freeze, lay out and place ``model``, make the optimizer, EMA and objective, let Accelerate wrap them."""
+    if config.freeze_encoder:
+        model.freeze_encoder(True, freeze_batchnorm=config.freeze_encoder_batchnorm)
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(device=accelerator.device, memory_format=memory_format)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    fused = config.fused_optimizer and accelerator.device.type == "cuda"
+    optimizer = torch.optim.Adam(trainable, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                 eps=config.adam_eps, weight_decay=config.weight_decay, fused=fused or None)
+    ema = create_ema(model, config.ema_decay) if config.ema else None
+    schedule = make_schedule(config.num_train_timesteps, config.p2_gamma, config.p2_k)
+    objective, optimizer = accelerator.prepare(DiffusionObjective(model, schedule), optimizer)
+    step = TrainStep(accelerator, objective, optimizer, model, ema, config)
+    return TrainingParts(model, objective, optimizer, ema, schedule, step)
