@@ -75,12 +75,16 @@ def test_sh_light_is_ambient_plus_clamped_cosine_and_its_direction_is_recovered(
     direction = torch.tensor([0.5, 0.4, 0.8])
     intensity = torch.tensor([0.6, 0.5, 0.4])
     light = sh_light(direction, intensity, 0.3)
-    normals = torch.nn.functional.normalize(torch.randn(1, 3, 40, 40, generator=torch.Generator().manual_seed(0)), dim=1)
+    normals = torch.randn(1, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    normals = torch.nn.functional.normalize(normals, dim=1)
     shading = sh_shading(normals, light[None])
     cosine = (normals * (direction / direction.norm())[None, :, None, None]).sum(1, keepdim=True).clamp(min=0)
     target = 0.3 + intensity[None, :, None, None] * cosine
     assert (shading - target).abs().max() < 0.1 * intensity.max()  # second-order SH of a clamped cosine
     assert shading.min() > 0.2
+    from diffrig.rigs import directional_light  # the hand-set lights: the same projection, by least squares
+
+    assert torch.allclose(sh_light(direction, 0.8, 0.3), directional_light(direction.tolist(), 0.8, 0.3), atol=1e-4)
     found_direction, found_intensity = dominant_light(light[None])
     assert torch.allclose(found_direction[0], direction / direction.norm(), atol=1e-5)
     assert torch.allclose(found_intensity[0], intensity, atol=1e-5)
@@ -151,7 +155,8 @@ def test_same_seed_same_bytes_other_seed_other_photos(tmp_path, world, rig):
         twin = tmp_path / "c" / path.name
         difference = np.abs(np.asarray(Image.open(path), dtype=int) - np.asarray(Image.open(twin), dtype=int))
         assert difference.max() <= 1 and difference.mean() < 1e-3
-        assert torch.allclose(read_sidecar(sidecar_path(path)).codes.flat(), read_sidecar(sidecar_path(twin)).codes.flat())
+        codes, twin_codes = (read_sidecar(sidecar_path(p)).codes.flat() for p in (path, twin))
+        assert torch.allclose(codes, twin_codes)
     assert {p.name for p in shuffled} == {p.name for p in first}
     other = SyntheticWorld(rig=rig, size=SIZE, seed=1).write_folder(tmp_path / "d", [0], 1)
     assert other[0].read_bytes() != first[0].read_bytes()

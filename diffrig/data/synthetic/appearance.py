@@ -1,7 +1,7 @@
 """What the synthetic photos show beyond DECA's buffers: hair, skin detail, shine, clothes, backdrop.
 
 - On the head (moving with it, occluded with it): the identity's albedo with freckles and moles
-  splatted into its UV map (:func:`skin_detail`), hair covering the scalp above an
+  splatted into its UV map (:func:`add_skin_detail`), hair covering the scalp above an
   identity-specific hairline (:func:`scalp_hair`) and shine along the T-zone. Hairline and zones
   are defined on the neutral head through a :class:`HeadAtlas` (where every texel lies on the
   head), whatever the UV layout of the rig's mesh; they are evaluated per pixel.
@@ -107,12 +107,12 @@ def build_atlas(flame, face_uvcoords: torch.Tensor, uv_size: int) -> HeadAtlas:
     def blob(x0: float, y0: float, sx: float, sy: float) -> torch.Tensor:
         return torch.exp(-0.5 * (((side - x0) / sx) ** 2 + ((height - eye_height - y0) / sy) ** 2))
 
-    front = covered & (azimuth.abs() < 1.2)
+    from_eyes = _distance(position, eyes).amin(0) / eye_distance
+    from_mouth = _distance(position, landmarks[MOUTH].mean(0, keepdim=True))[0] / eye_distance
+    skin = covered & (from_eyes > 0.3) & (from_mouth > 0.45)  # not on the eyeballs or inside the mouth
     freckle_zone = (blob(-0.55, -0.55, 0.35, 0.3) + blob(0.55, -0.55, 0.35, 0.3)
-                    + 0.7 * blob(0.0, -0.4, 0.15, 0.35)) * front
-    away_from_eyes = _distance(position, eyes).amin(0) > 0.45 * eye_distance
-    away_from_mouth = _distance(position, landmarks[MOUTH].mean(0, keepdim=True))[0] > 0.6 * eye_distance
-    mole_zone = (covered & (azimuth.abs() < 1.3) & away_from_eyes & away_from_mouth & (height < 0.1)).float()
+                    + 0.7 * blob(0.0, -0.4, 0.15, 0.35)) * (skin & (azimuth.abs() < 1.2))
+    mole_zone = (skin & (azimuth.abs() < 1.3) & (from_eyes > 0.45) & (from_mouth > 0.6) & (height < 0.1)).float()
 
     anchors = torch.stack([
         torch.where(vertices[:, 1] > brow_y, vertices[:, 0], torch.inf).argmin(),  # subject's right side
@@ -348,54 +348,57 @@ def hair_back_layer(styles: list[HairStyle], frame: HeadFrame, size: int) -> tup
 
 @dataclass
 class Nuisance:
-    """Per-photo draws that no code controls: backdrop (two colours, tilt, soft blobs) and clothes
-    (colour, collar depth and width in eye distances)."""
+    """Per-photo draws that no code controls, as plain numbers: backdrop (top and bottom RGB,
+    tilt, soft blobs: centres (x, y), radii, RGB, strengths) and clothes (RGB, collar depth and
+    width in eye distances)."""
 
-    top: torch.Tensor
-    bottom: torch.Tensor
+    top: list[float]
+    bottom: list[float]
     tilt: float
-    blob_centres: torch.Tensor
-    blob_radii: torch.Tensor
-    blob_colours: torch.Tensor
-    blob_strengths: torch.Tensor
-    clothes: torch.Tensor
+    blob_centres: list[list[float]]
+    blob_radii: list[float]
+    blob_colours: list[list[float]]
+    blob_strengths: list[float]
+    clothes: list[float]
     collar_depth: float
     collar_width: float
 
 
-def _muted_colour(draws: Draws, low: float, high: float) -> torch.Tensor:
+def _muted_colour(draws: Draws, low: float, high: float) -> list[float]:
     grey = draws.uniform(low, high)
-    hue = draws.uniforms(0.0, 1.0, 3)
+    hue = [draws.uniform() for _ in range(3)]
     saturation = draws.uniform(0.0, 0.5)
-    return (grey * (1 - saturation + 2 * saturation * hue)).clamp(0.0, 1.0)
+    return [min(max(grey * (1 - saturation + 2 * saturation * h), 0.0), 1.0) for h in hue]
 
 
 def sample_nuisance(seed: int, blobs: int = 3) -> Nuisance:
-    draws = Draws(generator(seed), uniforms=16 + 10 * blobs)
+    draws = Draws(generator(seed), uniforms=20 + 10 * blobs)
     return Nuisance(
         top=_muted_colour(draws, 0.25, 0.9),
         bottom=_muted_colour(draws, 0.15, 0.8),
         tilt=draws.uniform(-0.5, 0.5),
-        blob_centres=draws.uniforms(-1.2, 1.2, 2 * blobs).view(blobs, 2),
-        blob_radii=draws.uniforms(0.2, 0.7, blobs),
-        blob_colours=torch.stack([_muted_colour(draws, 0.1, 0.95) for _ in range(blobs)]),
-        blob_strengths=draws.uniforms(0.2, 0.7, blobs),
+        blob_centres=[[draws.uniform(-1.2, 1.2), draws.uniform(-1.2, 1.2)] for _ in range(blobs)],
+        blob_radii=[draws.uniform(0.2, 0.7) for _ in range(blobs)],
+        blob_colours=[_muted_colour(draws, 0.1, 0.95) for _ in range(blobs)],
+        blob_strengths=[draws.uniform(0.2, 0.7) for _ in range(blobs)],
         clothes=_muted_colour(draws, 0.05, 0.7),
         collar_depth=draws.uniform(0.4, 0.8),
         collar_width=draws.uniform(0.4, 0.7),
     )
 
 
+def _gathered(nuisances: list[Nuisance], name: str, device) -> torch.Tensor:
+    return torch.tensor([getattr(n, name) for n in nuisances], dtype=torch.float32, device=device)
+
+
 def background(nuisances: list[Nuisance], size: int, device=None) -> torch.Tensor:
     """Backdrops (B, 3, S, S): a tilted vertical gradient with soft blobs of colour."""
     grid = pixel_grid(size, device)[None]
-    top, bottom, colours = (torch.stack([getattr(n, name) for n in nuisances]).to(device)
-                            for name in ("top", "bottom", "blob_colours"))
-    tilt = _per_photo(nuisances, "tilt", device)
-    t = ((grid[..., 1] + tilt * grid[..., 0]) * 0.5 + 0.5).clamp(0.0, 1.0)
+    top, bottom, tilt = (_gathered(nuisances, name, device) for name in ("top", "bottom", "tilt"))
+    t = ((grid[..., 1] + tilt[:, None, None] * grid[..., 0]) * 0.5 + 0.5).clamp(0.0, 1.0)
     image = top[:, :, None, None] + (bottom - top)[:, :, None, None] * t[:, None]
-    centres, radii, strengths = (torch.stack([getattr(n, name) for n in nuisances]).to(device)
-                                 for name in ("blob_centres", "blob_radii", "blob_strengths"))
+    centres, radii, colours, strengths = (_gathered(nuisances, name, device) for name in
+                                          ("blob_centres", "blob_radii", "blob_colours", "blob_strengths"))
     for k in range(centres.shape[1]):
         distance = (grid - centres[:, None, None, k]).pow(2).sum(-1)
         weight = strengths[:, k, None, None] * torch.exp(-distance / (2 * radii[:, k, None, None] ** 2))
@@ -419,6 +422,6 @@ def clothes_layer(nuisances: list[Nuisance], chin: torch.Tensor, unit: torch.Ten
     depth, width = _per_photo(nuisances, "collar_depth", device), _per_photo(nuisances, "collar_width", device)
     top = 0.15 + 0.05 * x.abs() + depth * torch.exp(-0.5 * (x / width) ** 2)
     coverage = _smoothstep(0.5 + (y - top) * unit * size / 2 / EDGE_PIXELS)
-    colour = torch.stack([n.clothes for n in nuisances]).to(device)[:, :, None, None]
+    colour = _gathered(nuisances, "clothes", device)[:, :, None, None]
     fold = 1 + 0.1 * torch.sin(2.0 * x + 1.1 * y) - 0.12 * (y - top).clamp(0, 1.5)
     return (colour * fold[:, None]).clamp(0.0, 1.0), coverage[:, None]

@@ -138,7 +138,7 @@ class SpecularStyle:
 
 def sample_identity(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, HairStyle, SkinStyle, SpecularStyle]:
     """FLAME shape (100,) and albedo tex (50,) codes, hair, skin and shine of one identity."""
-    draws = Draws(g, uniforms=40, normals=CODE_SIZES["shape"] + CODE_SIZES["tex"] + 3)
+    draws = Draws(g, uniforms=40, normals=CODE_SIZES["shape"] + CODE_SIZES["tex"] + 4)
     shape = draws.normals(CODE_SIZES["shape"]) * _decaying_std(CODE_SIZES["shape"], 1.0, 0.3)
     # the leading albedo components carry skin tone and the like; the rest mottle the skin
     tex_std = torch.cat([torch.ones(NAMED_TEX), _decaying_std(CODE_SIZES["tex"] - NAMED_TEX, 0.35, 0.15)])
@@ -147,7 +147,8 @@ def sample_identity(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Hai
 
 
 def _hair(draws: Draws) -> HairStyle:
-    colour = (HAIR_PALETTE[draws.choice(HAIR_WEIGHTS)] * torch.exp(0.12 * draws.normals(3))).clamp(0.0, 1.0)
+    shade, tint = draws.normals(1), draws.normals(3)  # overall lightness, a slight hue shift
+    colour = (HAIR_PALETTE[draws.choice(HAIR_WEIGHTS)] * torch.exp(0.15 * shade + 0.04 * tint)).clamp(0.0, 1.0)
     fringe_kind = draws.choice(torch.tensor([0.5, 0.25, 0.25]))  # none, full, to one side
     side = 1.0 if draws.uniform() < 0.5 else -1.0
     fringe_level, fringe_width, fringe_centre = draws.uniform(0.12, 0.4), 0.0, 0.0

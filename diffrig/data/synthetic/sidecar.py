@@ -67,7 +67,8 @@ def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     chunks, offset = [], 0
     for name in sorted(tensors):
         data = tensors[name].to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(data)]}
+        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape),
+                        "data_offsets": [offset, offset + len(data)]}
         chunks.append(data)
         offset += len(data)
     text = json.dumps(header, separators=(",", ":")).encode()

@@ -205,7 +205,8 @@ class SyntheticWorld:
         self._posed = (portraits.codes, posed)
         return portraits
 
-    def _frame(self, landmarks: torch.Tensor, zoom: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _frame(self, landmarks: torch.Tensor, zoom: torch.Tensor,
+               shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """FFHQ-like framing of posed heads, from FLAME's landmarks2d (B, 68, 3): (camera in the
         crop frame (B, 3), tform (B, 3, 3))."""
         xy = landmarks[..., :2].double()
