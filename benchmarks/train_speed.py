@@ -14,7 +14,8 @@ LMDB (an album for stage 2) and reports the wall time, checkpoints and sample gr
     # stage 2 (batch 4, encoder frozen): step time, then the whole 5000-step run
     python benchmarks/train_speed.py --preset paper --stage 2 --official_repo ../diffusion-rig
     python benchmarks/train_speed.py --preset paper --stage 2 --end_to_end --max_steps 5000
-    # variants: --compile false, --compile_mode max-autotune-no-cudagraphs, --gradient_checkpointing true
+    # variants: --compile false, --compile_mode max-autotune-no-cudagraphs, --activation_memory_budget 0.5,
+    #           --gradient_checkpointing true
     # on a CPU, in seconds:
     python benchmarks/train_speed.py --preset tiny
 """
@@ -41,7 +42,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = {("paper", 1): "stage1_256.yaml", ("paper", 2): "stage2_256.yaml",
            ("tiny", 1): "tiny_cpu.yaml", ("tiny", 2): "tiny_cpu.yaml"}
 OVERRIDABLE = {"batch_size": int, "mixed_precision": str, "compile": _bool, "compile_mode": str,
-               "channels_last": _bool, "gradient_checkpointing": _bool, "fused_optimizer": _bool, "ema": _bool,
+               "channels_last": _bool, "activation_memory_budget": float, "gradient_checkpointing": _bool, "fused_optimizer": _bool, "ema": _bool,
                "gradient_accumulation_steps": int, "max_steps": int}
 
 
@@ -195,6 +196,7 @@ def main() -> None:
     setting = {"preset": args.preset, "stage": config.stage, "batch_size": config.batch_size,
                "image_size": config.model["image_size"], "mixed_precision": config.mixed_precision,
                "compile": config.compile, "compile_mode": config.compile_mode, "channels_last": config.channels_last,
+               "activation_memory_budget": config.activation_memory_budget,
                "gradient_checkpointing": config.gradient_checkpointing, "ema": config.ema,
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     report = {"setting": setting}

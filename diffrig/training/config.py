@@ -56,6 +56,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode: default, reduce-overhead, max-autotune, ...
+    activation_memory_budget: float = 1.0  # with compile: < 1 recomputes cheap ops to keep fewer activations
     gradient_checkpointing: bool = False
     fused_optimizer: bool = True  # fused Adam kernel on CUDA
     allow_tf32: bool = True
@@ -90,6 +91,8 @@ class TrainConfig:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if not self.lr > 0:
             problems.append(f"lr must be positive, got {self.lr}")
+        if not 0.0 < self.activation_memory_budget <= 1.0:
+            problems.append(f"activation_memory_budget must be in (0, 1], got {self.activation_memory_budget}")
         if not 0.0 <= self.ema_decay < 1.0:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not isinstance(self.model, dict):

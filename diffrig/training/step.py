@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
+from torch._functorch import config as functorch_config
 
 from diffrig.diffusion import NoiseSchedule, make_schedule
 from diffrig.models import DiffusionRigModel
@@ -54,6 +55,9 @@ class TrainStep:
         self.buffer_snapshot = [b.clone() for b in self.buffers]
         self.max_grad_norm = config.max_grad_norm
         self.num_train_timesteps = config.num_train_timesteps
+        if config.compile:
+            # the min-cut partitioner's trade of recomputation for activation memory (1.0: its default)
+            functorch_config.activation_memory_budget = config.activation_memory_budget
         self.forward = torch.compile(objective, mode=config.compile_mode) if config.compile else objective
         self.mark_cuda_graph_step = config.compile and config.compile_mode in CUDA_GRAPH_MODES
 
