@@ -187,9 +187,9 @@ def main() -> int:
             row = report(rows, **common, implementation="official", variant="ddim_sample_loop fp32", batch_size=batch,
                          times=timed(run_official, args.repeats, args.warmup))
             if batch in eager_fp32:
-                row["max_abs_diff_diffrig_fp32_vs_official"] = float((run_official() - eager_fp32[batch]).abs().max())
-                print(json.dumps({"batch_size": batch,
-                                  "max_abs_diff_diffrig_fp32_vs_official": row["max_abs_diff_diffrig_fp32_vs_official"]}))
+                diff = float((run_official() - eager_fp32[batch]).abs().max())
+                row["max_abs_diff_diffrig_fp32_vs_official"] = diff
+                print(json.dumps({"batch_size": batch, "max_abs_diff_diffrig_fp32_vs_official": diff}))
 
     ours = [r for r in rows if r["implementation"] == "diffrig" and "whole" not in r["variant"]]
     theirs = [r for r in rows if r["implementation"] == "official"]
@@ -199,7 +199,8 @@ def main() -> int:
     if single:
         print(f"  one photo, {respacing}: diffrig {single['median_s']:.3f} s ({single['variant']})")
     if best:
-        print(f"  throughput: diffrig {best['images_per_s']:.1f} images/s (batch {best['batch_size']}, {best['variant']})")
+        print(f"  throughput: diffrig {best['images_per_s']:.1f} images/s "
+              f"(batch {best['batch_size']}, {best['variant']})")
     for r in theirs:
         print(f"  official batch {r['batch_size']}: {r['median_s']:.3f} s ({r['images_per_s']:.1f} images/s)")
     if theirs and best:

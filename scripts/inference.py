@@ -120,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     from diffrig.pipeline import RigEditPipeline, edit_files, list_photos, parse_modes
     from diffrig.rigs import HandRig
 
-    architecture = {key[5:]: value for key, value in vars(args).items() if key.startswith("arch.") and value is not None}
+    architecture = {key[5:]: value for key, value in vars(args).items()
+                    if key.startswith("arch.") and value is not None}
     rig = HandRig(yaw=args.yaw, pitch=args.pitch, roll=args.roll, light=args.hand_light, expression=args.hand_exp,
                   jaw=args.jaw)
     modes = parse_modes(args.modes if args.modes is not None else ("pose,exp,light" if args.target else ""))

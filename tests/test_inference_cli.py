@@ -106,7 +106,8 @@ def test_hand_rig_without_target_and_official_pt(cli, capsys, model_dir, tmp_pat
     code, stdout, stderr = run(cli, capsys, "--source", source, "--model_path", official, "--image_size", S,
                                "--num_channels", 32, "--num_res_blocks", 1, "--channel_mult", "1,2",
                                "--attention_resolutions", "", "--latent_dim", 16, "--deca-dir", "builtin",
-                               "--output-dir", out, "--jaw", "10", "--exp", "0.5 0.2", "--timestep-respacing", "ddim4", "-q")
+                               "--output-dir", out, "--jaw", "10", "--exp", "0.5 0.2", "--timestep-respacing", "ddim4",
+                               "-q")
     assert code == 0, stderr
     assert sorted(p.name for p in out.glob("*.png")) == ["carol_rig.png", "grid.png"]
 
@@ -144,3 +145,38 @@ def test_bad_inputs_give_one_line_and_exit_1(cli, capsys, model_dir, tmp_path, p
     assert code == 1
     assert stderr.count("\n") == 1 and stderr.startswith("error: ") and expected in stderr, stderr
     assert not (tmp_path / "out" / "dave_pose.png").exists()
+
+
+def test_real_photos_are_aligned_when_not_square(faces_dir, model_dir):
+    import torch
+
+    from diffrig.pipeline import RigEditPipeline
+
+    pipeline = RigEditPipeline.from_pretrained(model_dir, deca_dir="builtin")
+    wide, square = faces_dir / "album_obama" / "obama1.jpg", faces_dir / "portraits" / "alfw1.png"
+    portraits, failures = pipeline.read_photos([wide, square])
+    assert failures == []
+    assert portraits.images.shape == (2, 3, S, S) and portraits.names == ["obama1", "alfw1"]
+    assert portraits.codes.batch_size == 2 and torch.isfinite(portraits.codes.flat()).all()
+    # DECA's crop square is around the face, whose FFHQ centre (between eyes and mouth) alignment puts
+    # at the picture's centre: well inside the 224² crop, above its centre (the crop box holds the chin)
+    centre = torch.tensor([(S - 1) / 2, (S - 1) / 2, 1.0])
+    in_crop = portraits.tforms @ centre
+    assert ((in_crop[:, :2] > 30) & (in_crop[:, :2] < 194)).all(), in_crop
+    assert in_crop[0, 1] < 111.5
+    _, failures = pipeline.read_photos([wide], align="never")
+    assert len(failures) == 1 and "wrong image size 1480x832" in failures[0][1]
+
+
+def test_pipeline_call_reads_photo_paths(model_dir, tmp_path):
+    from diffrig.errors import DataError
+    from diffrig.pipeline import RigEditPipeline
+    from diffrig.rigs import HandRig
+
+    pipeline = RigEditPipeline.from_pretrained(model_dir, deca_dir="builtin")
+    source, target = picture(tmp_path / "erin.png", seed=8), picture(tmp_path / "frank.png", seed=9)
+    result = pipeline(str(source), target=target, modes="light", rig=HandRig(light="top"), num_inference_steps=4)
+    assert result.modes == ["light", "rig"] and result.edits["light"].shape == (1, 3, S, S)
+    assert result.sources.names == ["erin"] and result.target.names == ["frank"]
+    with pytest.raises(DataError, match="blank.png: no face"):
+        pipeline([source, picture(tmp_path / "blank.png", flat=True, landmarks=False)], rig=HandRig(jaw=5))

@@ -210,7 +210,8 @@ class FieldRig(nn.Module):
         alpha = ((xx - 0.5 * yaw) ** 2 + (yy - 0.5 * pitch) ** 2 < 0.4).float()[:, None]
         shade = (codes.light[:, 0, :, None, None] * 0.3 + 0.5 + 0.1 * codes.exp[:, :3, None, None] * yy)
         normal = torch.stack([xx - 0.5 * yaw, yy - 0.5 * pitch, torch.ones_like(xx + yaw)], 1)
-        albedo = (0.5 + 0.2 * torch.tanh(codes.shape[:, :3, None, None] + codes.tex[:, :3, None, None])).expand(-1, 3, h, w)
+        albedo = 0.5 + 0.2 * torch.tanh(codes.shape[:, :3, None, None] + codes.tex[:, :3, None, None])
+        albedo = albedo.expand(-1, 3, h, w)
         out = type("Out", (), {})()
         out.alpha = alpha
         out.buffers = torch.cat([shade * albedo * alpha, normal * alpha, albedo * alpha], 1)
@@ -225,7 +226,8 @@ def tiny_model(seed=0, latent_dim=16):
 
 def portraits(batch, seed):
     g = torch.Generator().manual_seed(seed)
-    return Portraits(torch.rand(batch, 3, S, S, generator=g), random_codes(batch, seed), torch.eye(3).repeat(batch, 1, 1),
+    return Portraits(torch.rand(batch, 3, S, S, generator=g), random_codes(batch, seed),
+                     torch.eye(3).repeat(batch, 1, 1),
                      [f"p{seed}_{i}" for i in range(batch)])
 
 
@@ -238,7 +240,7 @@ def test_edit_renders_each_mode_at_the_source_centre_and_batches_exactly(pipelin
     sources, target = portraits(3, 0), portraits(1, 7)
     pipeline.deca.centres.clear()
     result = pipeline.edit(sources, target, modes="pose light exp latent", rig=HandRig(yaw=0.0),
-                           num_inference_steps=2, batch_size=4)
+                           num_inference_steps=2, batch_size=4, invert=False)
     assert result.modes == ["pose", "light", "expression", "latent", "rig"]
     own_centre = pipeline.deca.ffhq_center(sources.codes)
     assert all(torch.equal(c, own_centre) for c in pipeline.deca.centres)
@@ -264,7 +266,7 @@ def test_edit_uses_the_mean_shape_but_centres_with_the_own_shape():
     meanshape = torch.full((1, 100), 0.7)
     pipeline = RigEditPipeline(tiny_model(), FieldRig(), meanshape=meanshape)
     sources, target = portraits(2, 1), portraits(1, 2)
-    result = pipeline.edit(sources, target, modes=["light"], num_inference_steps=2)
+    result = pipeline.edit(sources, target, modes=["light"], num_inference_steps=2, invert=False)
     assert torch.equal(result.codes["light"].shape, meanshape.expand(2, -1))
     assert torch.equal(pipeline.deca.centres[-1], pipeline.deca.ffhq_center(sources.codes))
 
@@ -392,3 +394,16 @@ def test_pipeline_is_exported_lazily_from_the_package():
     assert diffrig.RigEditPipeline is RigEditPipeline
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         diffrig.Nope  # noqa: B018
+
+
+def test_inverted_edit_starts_from_the_inversion_under_the_own_buffers(pipeline):
+    sources, target = portraits(2, 4), portraits(1, 5)
+    result = pipeline.edit(sources, target, modes="pose", num_inference_steps=2, invert=True)
+    centre = pipeline.deca.ffhq_center(sources.codes)
+    own_buffers, _ = pipeline.render(sources.codes, sources.tforms, centre)
+    latent = pipeline.encode_latent(sources.images)
+    start = pipeline.invert(sources.images, own_buffers, latent, num_inference_steps=2)
+    expected = pipeline.generate(result.buffers["pose"], latent, start, num_inference_steps=2)
+    assert torch.allclose(result.edits["pose"], ((expected + 1) / 2).clamp(0, 1), atol=1e-5)
+    fixed = pipeline.edit(sources, target, modes="pose", num_inference_steps=2, invert=False)
+    assert not torch.allclose(fixed.edits["pose"], result.edits["pose"], atol=1e-3)
