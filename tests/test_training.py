@@ -247,6 +247,28 @@ def test_checkpoint_round_trip_restores_every_part(dataset_dir, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(parts.ema.shadow_params, fresh.ema.shadow_params))
 
 
+def test_gradient_scaler_backs_off_on_nonfinite_steps_and_is_checkpointed(dataset_dir, tmp_path):
+    # Accelerate makes a GradScaler for fp16 on GPUs only; give the CPU accelerator one to drive that path
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    parts = build_training(tiny(dataset_dir, tmp_path), accelerator, tiny_model())
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(2, 3, SIZE, SIZE, generator=g) * 2 - 1, "buffers": torch.rand(2, 9, SIZE, SIZE, generator=g)}
+    before = weights(parts.model)
+    stats = parts.step([{**batch, "image": torch.full_like(batch["image"], float("nan"))}])
+    assert stats.nonfinite and accelerator.scaler.get_scale() == 512.0
+    assert all(torch.equal(before[k], v) for k, v in parts.model.state_dict().items())  # BatchNorm statistics too
+    assert not parts.step([batch]).nonfinite
+    path = save_checkpoint(tmp_path / "ckpt", 2, accelerator=accelerator, model=parts.model,
+                           optimizer=parts.optimizer, trainer_state={"consumed": 4})
+    assert (path / "scaler.safetensors").is_file()
+    fresh = Accelerator(cpu=True)
+    fresh.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    other = build_training(tiny(dataset_dir, tmp_path), fresh, tiny_model())
+    load_checkpoint(path, accelerator=fresh, model=other.model, optimizer=other.optimizer)
+    assert fresh.scaler.state_dict() == accelerator.scaler.state_dict()
+
+
 def test_latest_skips_incomplete_checkpoints_and_old_ones_are_pruned(dataset_dir, tmp_path):
     config = tiny(dataset_dir, tmp_path)
     accelerator = Accelerator(cpu=True)

@@ -30,13 +30,15 @@ def load_model(path: str, options: dict | None = None) -> DiffusionRigModel:
         if not (source / "config.json").is_file():
             raise CheckpointError(f"{source} is not a diffrig model directory (no config.json); pass a "
                                   "directory written by save_pretrained or an official model*.pt")
-        if options:
-            logger.info("%s carries its own architecture; the config's model options are not used", source)
         try:
-            return DiffusionRigModel.from_pretrained(source)
+            model = DiffusionRigModel.from_pretrained(source)
         except (OSError, ValueError, RuntimeError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise CheckpointError(f"cannot load the model in {source}: {first}") from None
+        ignored = {k: v for k, v in (options or {}).items() if k in model.config and model.config[k] != v}
+        if ignored:
+            logger.warning("%s carries its own architecture; these model options are not used: %s", source, ignored)
+        return model
     if source.is_file():
         return load_official_checkpoint(source, **(options or {}))
     raise CheckpointError(f"model {source} not found: pass a diffrig model directory or an official model*.pt")
