@@ -7,8 +7,9 @@ Times ``RigEditPipeline.generate`` (the sampling loop alone) for each batch size
 - ``bf16-graph``: bfloat16 autocast, channels-last, CUDA graph;
 - ``bf16-graph-compile``: the same with ``torch.compile`` (``--compile``);
 
-and, with ``--with_rig`` (default), a whole one-photo edit (``pipeline.edit``: rig rendering of
-the built-in DECA at 256², latent encoding, sampling). With ``--official_repo`` the official
+and, with ``--with_rig`` (default), whole one-photo edits (``pipeline.edit``: rig rendering of
+the built-in DECA at 256², latent encoding, sampling from the seeded noise, or DDIM inversion of
+the source and sampling: 40 model calls). With ``--official_repo`` the official
 model (the same weights, converted back) samples with ``SpacedDiffusion.ddim_sample_loop`` at
 batch sizes 1 and 8, and the float32 results of both are compared from the same x_T.
 
@@ -169,9 +170,11 @@ def main() -> int:
         photo = world.sample(world.identity(0), [0])
         source = Portraits(world.render_portraits(photo), photo.codes, photo.tform, ["photo"])
         rig = HandRig(yaw=20.0, light="left")
-        edit = lambda: pipeline.edit(source, rig=rig, timestep_respacing=respacing)  # noqa: E731
-        report(rows, **common, implementation="diffrig", variant="bf16-graph whole edit (rig + latent + DDIM)",
-               batch_size=1, times=timed(edit, args.repeats, args.warmup))
+        for invert in (False, True):
+            edit = lambda: pipeline.edit(source, rig=rig, timestep_respacing=respacing, invert=invert)  # noqa: E731
+            what = "rig + latent + DDIM inversion + DDIM" if invert else "rig + latent + DDIM from seeded noise"
+            report(rows, **common, implementation="diffrig", variant=f"bf16-graph whole edit ({what})",
+                   batch_size=1, times=timed(edit, args.repeats, args.warmup))
 
     if args.official_repo:
         official, diffusion = official_sampler(args.official_repo.resolve(), pipeline.model.float(), respacing)

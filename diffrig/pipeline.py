@@ -373,10 +373,9 @@ class RigEditPipeline:
             noise = self.noise(buffers.shape[0], seed)
         noise = noise.to(self.device)
         exact = isinstance(scheduler, str) and scheduler.lower() == diffusion.EXACT_DDIM
-        if exact and self._fast is not None and self._fast["cuda_graphs"] and noise.is_cuda:
-            spec = timestep_respacing if timestep_respacing is not None else f"ddim{int(num_inference_steps)}"
-            steps = diffusion.respaced_timesteps(spec, self.schedule.num_train_timesteps)
-            return self._graphed_ddim(noise, buffers, latent, steps)
+        if exact and self._graphs_on(noise):
+            steps = self._steps(num_inference_steps, timestep_respacing)
+            return self._graphed(ddim_loop, noise, buffers, latent, steps)
         return diffusion.sample(self.denoiser, buffers, latent, noise, num_inference_steps, scheduler,
                                 self.schedule, timestep_respacing, generator=generator, progress=progress)
 
@@ -384,6 +383,9 @@ class RigEditPipeline:
     def invert(self, images: torch.Tensor, buffers: torch.Tensor, latent: torch.Tensor,
                num_inference_steps: int = 20, timestep_respacing: str | None = None) -> torch.Tensor:
         """DDIM inversion of images (B, 3, S, S) in [0, 1] under their buffers -> x_T (B, 3, S, S)."""
+        if self._graphs_on(images.to(self.device)):
+            return self._graphed(ddim_invert_loop, images.to(self.device) * 2 - 1, buffers.to(self.device),
+                                 latent.to(self.device), self._steps(num_inference_steps, timestep_respacing))
         return diffusion.ddim_invert(self.denoiser, images.to(self.device) * 2 - 1, buffers.to(self.device),
                                      latent.to(self.device), num_inference_steps, self.schedule, timestep_respacing)
 
@@ -473,12 +475,20 @@ class RigEditPipeline:
         self._graphs.clear()
         return self
 
-    def _graphed_ddim(self, noise, buffers, latent, steps: list[int]) -> torch.Tensor:
-        key = (tuple(noise.shape), tuple(buffers.shape), tuple(latent.shape), noise.dtype, tuple(steps))
+    def _graphs_on(self, like: torch.Tensor) -> bool:
+        return self._fast is not None and self._fast["cuda_graphs"] and like.is_cuda
+
+    def _steps(self, num_inference_steps: int, timestep_respacing: str | None) -> list[int]:
+        spec = timestep_respacing if timestep_respacing is not None else f"ddim{int(num_inference_steps)}"
+        return diffusion.respaced_timesteps(spec, self.schedule.num_train_timesteps)
+
+    def _graphed(self, loop, start, buffers, latent, steps: list[int]) -> torch.Tensor:
+        """``loop`` (:func:`ddim_loop` or :func:`ddim_invert_loop`) replayed as a CUDA graph per shape."""
+        key = (loop.__name__, tuple(start.shape), tuple(buffers.shape), tuple(latent.shape), start.dtype, tuple(steps))
         graph = self._graphs.get(key)
         if graph is None:
-            graph = self._graphs[key] = _GraphedLoop(self.denoiser, self.schedule, steps, noise, buffers, latent)
-        return graph(noise, buffers, latent)
+            graph = self._graphs[key] = _GraphedLoop(loop, self.denoiser, self.schedule, steps, start, buffers, latent)
+        return graph(start, buffers, latent)
 
 
 def ddim_loop(denoiser, noise, buffers, latent, steps: list[int], schedule: diffusion.NoiseSchedule,
@@ -493,6 +503,20 @@ def ddim_loop(denoiser, noise, buffers, latent, steps: list[int], schedule: diff
     for index in reversed(range(len(steps))):
         eps = denoiser(x, timesteps[index], buffers, latent=latent)
         x, _ = diffusion.ddim_step(x, eps, schedule.alpha_bar(steps[index]), schedule.alpha_bar(previous[index]))
+    return x
+
+
+def ddim_invert_loop(denoiser, image, buffers, latent, steps: list[int], schedule: diffusion.NoiseSchedule,
+                     timesteps: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """:func:`diffrig.diffusion.ddim_invert` over the kept ``steps`` with prepared timestep tensors
+    (see :func:`ddim_loop`): image (B, 3, H, W) in [-1, 1] -> x_T."""
+    if timesteps is None:
+        timesteps = [torch.full((image.shape[0],), t, dtype=torch.long, device=image.device) for t in steps]
+    x = image
+    previous = [-1] + steps[:-1]
+    for index in range(len(steps)):
+        eps = denoiser(x, timesteps[index], buffers, latent=latent)
+        x, _ = diffusion.ddim_step(x, eps, schedule.alpha_bar(previous[index]), schedule.alpha_bar(steps[index]))
     return x
 
 
@@ -511,29 +535,31 @@ class _AutocastDenoiser(torch.nn.Module):
 
 
 class _GraphedLoop:
-    """A whole DDIM sampling loop for one batch shape, captured once as a CUDA graph and replayed."""
+    """A whole DDIM loop (sampling or inversion) for one batch shape, captured once as a CUDA graph
+    and replayed."""
 
     WARMUP_RUNS = 2
 
-    def __init__(self, denoiser, schedule, steps, noise, buffers, latent):
-        self.inputs = [noise.clone(), buffers.clone(), latent.clone()]
-        timesteps = [torch.full((noise.shape[0],), t, dtype=torch.long, device=noise.device) for t in steps]
+    def __init__(self, loop, denoiser, schedule, steps, start, buffers, latent):
+        device = start.device
+        self.inputs = [start.clone(), buffers.clone(), latent.clone()]
+        timesteps = [torch.full((start.shape[0],), t, dtype=torch.long, device=device) for t in steps]
 
         def run():
-            return ddim_loop(denoiser, *self.inputs, steps, schedule, timesteps)
+            return loop(denoiser, *self.inputs, steps, schedule, timesteps)
 
-        side = torch.cuda.Stream(device=noise.device)
-        side.wait_stream(torch.cuda.current_stream(noise.device))
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm up (cuDNN autotuning, compilation) outside the graph
             for _ in range(self.WARMUP_RUNS):
                 run()
-        torch.cuda.current_stream(noise.device).wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.output = run()
 
-    def __call__(self, noise, buffers, latent):
-        for static, value in zip(self.inputs, (noise, buffers, latent)):
+    def __call__(self, start, buffers, latent):
+        for static, value in zip(self.inputs, (start, buffers, latent)):
             static.copy_(value)
         self.graph.replay()
         return self.output.clone()

@@ -13,8 +13,8 @@ from diffrig.deca.codes import CODE_SIZES, RigCodes
 from diffrig.deca.render import sh_shading
 from diffrig.errors import DataError, DiffrigError
 from diffrig.models import DiffusionRigModel
-from diffrig.pipeline import (EditResult, Portraits, RigEditPipeline, ddim_loop, edit_codes, parse_modes,
-                              read_meanshape)
+from diffrig.pipeline import (EditResult, Portraits, RigEditPipeline, ddim_invert_loop, ddim_loop, edit_codes,
+                              parse_modes, read_meanshape)
 from diffrig.rigs import LIGHT_PRESETS, HandRig, head_angles, head_rotation, jaw_pose, light_preset, parse_light
 
 S = 32
@@ -326,6 +326,9 @@ def test_ddim_loop_equals_diffusion_sample_and_noise_is_shared(pipeline):
     reference = D.sample(pipeline.model, buffers, latent, noise, timestep_respacing="ddim5")
     assert torch.equal(ours, reference)
     assert torch.equal(pipeline.generate(buffers, latent, num_inference_steps=5, seed=5), reference)
+    image = torch.rand(3, 3, S, S, generator=g) * 2 - 1
+    inverted = ddim_invert_loop(pipeline.model, image, buffers, latent, steps, pipeline.schedule)
+    assert torch.equal(inverted, D.ddim_invert(pipeline.model, image, buffers, latent, timestep_respacing="ddim5"))
 
 
 def test_generate_with_a_diffusers_scheduler_and_autocast_wrapper():
