@@ -309,15 +309,16 @@ def test_sigterm_leaves_a_loadable_checkpoint(dataset_dir, tmp_path):
     command = [sys.executable, str(ROOT / "scripts" / "train_stage1.py"), "--config", str(CONFIGS / "tiny_cpu.yaml"),
                "--data_dir", str(dataset_dir), "--output_dir", str(output), "--max_steps", "100000",
                "--checkpoint_every", "2", "--keep_checkpoints", "0", "--batch_size", "2", "--tracker", "none",
-               "--sample_every", "0"]
+               "--sample_every", "0", "--num_workers", "1"]
+    # a cluster signals the whole process group, DataLoader workers included
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     try:
         deadline = time.time() + 120
         while not list_checkpoints(output / "checkpoints") and time.time() < deadline and process.poll() is None:
             time.sleep(0.2)
         assert list_checkpoints(output / "checkpoints"), process.communicate()[1][-2000:]
-        process.send_signal(signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:

@@ -10,6 +10,7 @@ device once and batches are gathered there, with no per-step host work beyond th
 from __future__ import annotations
 
 import itertools
+import signal
 from collections.abc import Iterator
 
 import torch
@@ -69,8 +70,16 @@ def stream_batches(dataset: Dataset, batches: ResumableBatches, device: torch.de
     if isinstance(dataset, AlbumDataset):
         return _album_batches(dataset, batches, device, memory_format)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+                        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+                        worker_init_fn=_leave_stop_signals_to_the_trainer if num_workers else None)
     return (_to_device(batch, device, memory_format) for batch in loader)
+
+
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A cluster's SIGTERM (or Ctrl-C) reaches the whole process group; a worker killed by it would
+    crash the trainer before it could save. Workers ignore both and stop when the loader shuts down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _album_batches(dataset: AlbumDataset, batches: ResumableBatches, device, memory_format) -> Iterator[dict]:
