@@ -43,6 +43,12 @@ class LmdbDataset(Dataset):
             self._reader = RecordReader(self.path)
         return training_item(self._reader[index])
 
+    def close(self) -> None:
+        """Release this process's LMDB handle (LMDB allows one per file and process); reopened on use."""
+        if self._reader is not None and self._reader.pid == os.getpid():
+            self._reader.close()
+        self._reader = None
+
 
 class AlbumDataset(Dataset):
     def __init__(self, path):

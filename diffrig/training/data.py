@@ -94,9 +94,6 @@ def close_dataset(dataset: Dataset) -> None:
     so a later run in the same process (a notebook, a test) could not reopen it otherwise."""
     if hasattr(dataset, "close"):
         dataset.close()
-    elif getattr(dataset, "_reader", None) is not None:
-        dataset._reader.close()
-        dataset._reader = None
 
 
 def fixed_batch(dataset: Dataset, count: int, device: torch.device) -> dict:
