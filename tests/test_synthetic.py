@@ -164,6 +164,18 @@ def test_same_seed_same_bytes_other_seed_other_photos(tmp_path, world, rig):
     assert pixels.shape == (SIZE, SIZE, 3) and pixels.std() > 10
 
 
+@pytest.mark.slow
+def test_worker_processes_write_the_same_bytes(tmp_path, world):
+    alone = world.write_folder(tmp_path / "one", [0, 1, 2], 2, batch_size=4)
+    together = world.write_folder(tmp_path / "two", [0, 1, 2], 2, batch_size=4, workers=2)
+    assert [p.name for p in together] == [p.name for p in alone]
+    for path, twin in zip(alone, together):
+        assert path.read_bytes() == twin.read_bytes()
+        assert sidecar_path(path).read_bytes() == sidecar_path(twin).read_bytes()
+    catalogue = [(folder / "world" / "identities.json").read_text() for folder in (tmp_path / "one", tmp_path / "two")]
+    assert catalogue[0] == catalogue[1]
+
+
 def test_photos_of_one_identity_share_it_and_vary_the_rest(tmp_path, world, rig):
     paths = world.write_folder(tmp_path, [2], 3, first_image=4)
     assert [p.name for p in paths] == ["00002_0004.png", "00002_0005.png", "00002_0006.png"]
