@@ -64,7 +64,7 @@ class DemoSettings:
 
 
 PRESETS = {
-    # the README's command on a 2-core CPU: about 8 minutes
+    # the README's command on a 2-core CPU: under 10 minutes (410 s of one core's time)
     "cpu": DemoSettings(),
     # a CI-sized run of every step (a minute on a CPU); not a useful model
     "quick": DemoSettings(identities=2, per_identity=3, album=4, sources=2, stage1_steps=6, stage2_steps=3,
@@ -72,7 +72,7 @@ PRESETS = {
                           model=dict(num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="",
                                      dropout=0.0, latent_dim=16, encoder_type="resnet18")),
     # one GPU: a larger world, image size and model
-    "cuda": DemoSettings(image_size=128, identities=400, per_identity=12, album=20, sources=8, stage1_steps=6000,
+    "cuda": DemoSettings(image_size=128, identities=300, per_identity=12, album=20, sources=8, stage1_steps=5000,
                          stage2_steps=1000, batch_size=32, stage1_lr=2e-4, stage2_lr=2e-5,
                          model=dict(num_channels=64, num_res_blocks=2, channel_mult="1,1,2,3,4",
                                     attention_resolutions="16", dropout=0.0, latent_dim=64,

@@ -39,7 +39,7 @@ RIG_MODE = "rig"  # the hand-set edit
 ALIGN_CHOICES = ("auto", "always", "never")
 # Start edits from the source's DDIM inversion rather than the official shared seeded noise: on the
 # synthetic world (scripts/demo.py, CPU preset) inverted edits scored face PSNR 23.0 dB / SSIM 0.83 and
-# rest 23.1 dB / 0.75 against the truth, fixed-noise edits 12.1 dB / 0.26 and 10.1 dB / 0.09.
+# rest 23.3 dB / 0.76 against the truth, fixed-noise edits 12.2 dB / 0.28 and 10.0 dB / 0.09.
 DEFAULT_INVERT = True
 MESSAGE_MODES = ", ".join([*MODES, "exp"])
 
