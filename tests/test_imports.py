@@ -54,3 +54,12 @@ def test_console_script_installed():
         pytest.skip("package not installed with its console script (pip install -e .)")
     out = subprocess.run([exe, "--version"], capture_output=True, text=True)
     assert out.stdout.strip() == f"diffrig {diffrig.__version__}"
+
+
+def test_diffrig_demo_subcommand_dispatches_to_the_demo(capsys):
+    from diffrig.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    assert "synthetic world" in capsys.readouterr().out
