@@ -13,8 +13,29 @@ from torch import nn
 GROUPS = 32
 
 
+def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """GroupNorm of x (B, C, *spatial), computed in float32, returned in x's dtype and memory layout.
+
+    Statistics are taken per channel over the spatial positions and then pooled per group, which
+    is exact (every channel of a group counts the same positions: the group variance is the mean
+    of the channel variances plus the variance of the channel means). A channels_last input is
+    thus read along its contiguous channel axis; ``F.group_norm``'s compiled form instead regroups
+    it into a contiguous (B, G, C/G·H·W) copy and hands contiguous tensors back to the convolutions.
+    """
+    b, c = x.shape[:2]
+    x32 = x.float()
+    channel_var, channel_mean = torch.var_mean(x32, dim=tuple(range(2, x.dim())), correction=0)  # (B, C)
+    channel_mean = channel_mean.view(b, num_groups, -1)
+    group_mean = channel_mean.mean(dim=2, keepdim=True)  # (B, G, 1)
+    group_var = (channel_var.view(b, num_groups, -1) + (channel_mean - group_mean).square()).mean(dim=2, keepdim=True)
+    scale = weight.float().view(1, num_groups, -1) * torch.rsqrt(group_var + eps)  # (B, G, C/G)
+    shift = bias.float().view(1, num_groups, -1) - group_mean * scale
+    per_channel = (b, c) + (1,) * (x.dim() - 2)
+    return (x32 * scale.reshape(per_channel) + shift.reshape(per_channel)).to(x.dtype)
+
+
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with 32 groups, computed in float32 and returned in the input's dtype.
+    """GroupNorm with 32 groups, computed in float32 and returned in the input's dtype and layout.
 
     Normalising in float32 keeps low-precision training stable; returning the input dtype
     keeps bf16 activations bf16 (plain ``nn.GroupNorm`` under autocast returns float32).
@@ -24,8 +45,7 @@ class GroupNorm32(nn.GroupNorm):
         super().__init__(GROUPS, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
-        return out.to(x.dtype)
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -44,8 +64,21 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, 2H, 2W)."""
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        x = upsample_nearest_2x(x)
         return x if self.conv is None else self.conv(x)
+
+
+def upsample_nearest_2x(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, 2H, 2W), every value repeated over a 2×2 block, in x's memory layout.
+
+    The same values as ``F.interpolate(x, scale_factor=2, mode="nearest")``, written as a broadcast
+    so that its gradient is a sum over each block rather than a scatter of atomic additions.
+    """
+    b, c, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        nhwc = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(b, h, 2, w, 2, c)
+        return nhwc.reshape(b, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+    return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
 
 
 class Downsample(nn.Module):
