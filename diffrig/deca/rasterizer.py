@@ -18,7 +18,8 @@ correction, no culling), which DiffusionRig's DECA uses by default:
 The barycentrics and the depth are differentiable with respect to the vertices (the winning face
 of each pixel is recomputed with autograd); which face wins is not.
 
-Algorithm: each face's pixel bounding box is cut into row runs; runs of faces with similar box
+Algorithm: faces whose pixel bounding box holds no pixel centre (or that are skipped) are dropped
+first; each remaining face's box is cut into row runs; runs of faces with similar box
 widths are evaluated together as a dense (runs, width) grid of candidate (face, pixel) pairs, in
 chunks of at most ``max_pairs`` pairs, so any triangle size and resolution runs in bounded memory.
 Barycentrics and depth are affine along a run, so a pair costs a few multiply-adds. Each covered
@@ -79,9 +80,11 @@ def rasterize(
             bary_coords=vertices.new_full(shape + (3,), -1.0),
             zbuf=vertices.new_full(shape, -1.0),
         )
-    corners = _face_corners(vertices, faces)  # (B, F, 3, 3), autograd-connected
-    ndc = _to_pytorch3d_ndc(corners.detach().float(), scale_x, scale_y)
-    keys = _nearest_face_keys(ndc, height, width, max_pairs)
+    # Vertex ids into the flattened (B*V, 3) vertices, corner-major: (3 corners, B*F).
+    offset = torch.arange(batch, device=faces.device)[None, :, None] * vertices.shape[1]
+    corner_ids = (faces.permute(2, 0, 1) + offset).reshape(3, batch * num_faces).contiguous()
+    keys = _nearest_face_keys(_to_pytorch3d_ndc(vertices.detach().float(), scale_x, scale_y), corner_ids,
+                              batch, num_faces, height, width, max_pairs)
 
     # Recompute the winners' barycentrics and depth with autograd, in the caller's dtype.
     pixel = (keys != _EMPTY_KEY).nonzero().squeeze(1)  # covered pixels, flat (b, row, col)
@@ -89,8 +92,9 @@ def rasterize(
     mesh = torch.div(pixel, height * width, rounding_mode="floor")
     within = pixel - mesh * (height * width)
     row = torch.div(within, width, rounding_mode="floor")
-    table = _to_pytorch3d_ndc(corners, scale_x, scale_y).reshape(batch * num_faces, 3, 3)
-    winner = table.index_select(0, mesh * num_faces + face)  # (P, 3, 3)
+    winner_ids = corner_ids.index_select(1, mesh * num_faces + face).t().reshape(-1)
+    table = _to_pytorch3d_ndc(vertices, scale_x, scale_y).reshape(-1, 3)
+    winner = table.index_select(0, winner_ids).view(-1, 3, 3)  # (P, 3 corners, 3), autograd-connected
     px, py = _pixel_centres(height, width, scale_x, scale_y, winner.device, winner.dtype)
     bary = _barycentrics(px.index_select(0, within - row * width), py.index_select(0, row), winner)
     depth = (bary * winner[..., 2]).sum(-1)
@@ -156,13 +160,6 @@ def _check_inputs(vertices: torch.Tensor, faces: torch.Tensor, height: int, widt
     return vertices, faces
 
 
-def _face_corners(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """(B, V, 3), (B, F, 3) -> (B, F, 3 corners, 3 coords)."""
-    batch, num_faces = faces.shape[:2]
-    index = faces.reshape(batch, num_faces * 3, 1).expand(-1, -1, 3)
-    return torch.gather(vertices, 1, index).view(batch, num_faces, 3, 3)
-
-
 def _ndc_stretch(height: int, width: int) -> tuple[float, float]:
     """pytorch3d's NDC spans [-1, 1] on the shorter side and proportionally more on the longer."""
     return max(width / height, 1.0), max(height / width, 1.0)
@@ -215,26 +212,42 @@ def _barycentrics(px: torch.Tensor, py: torch.Tensor, corners: torch.Tensor) -> 
     )
 
 
-def _face_boxes(ndc: torch.Tensor, height: int, width: int, scale_x: float, scale_y: float):
+def _coordinate_rows(vertices: torch.Tensor, corner_ids: torch.Tensor):
+    """Corner coordinates as rows: (3 coords, 3 corners, N) contiguous, and (N,) bool, all finite.
+
+    vertices: (B, V, 3); corner_ids: (3, N) ids into the flattened (B*V,) vertices. Per-corner rows
+    are contiguous, so the elementwise work below runs on dense vectors.
+    """
+    by_coord = vertices.reshape(-1, 3).t().contiguous()  # (3, B*V)
+    finite_vertex = torch.isfinite(by_coord).all(0)
+    finite = finite_vertex.index_select(0, corner_ids[0])
+    finite &= finite_vertex.index_select(0, corner_ids[1])
+    finite &= finite_vertex.index_select(0, corner_ids[2])
+    rows = torch.stack([coord.index_select(0, ids) for coord in by_coord for ids in corner_ids])
+    return rows.view(3, 3, -1), finite
+
+
+def _face_boxes(rows: torch.Tensor, finite: torch.Tensor, height: int, width: int, scale_x: float, scale_y: float):
     """Pixel-index bounding boxes of the faces that can cover a pixel.
 
-    ndc: (N, 3, 3) float32. Returns col0, row0, box_w, box_h: (N,) long (box_h 0 for skipped faces).
+    rows: (3 coords, 3 corners, N) float32 (see :func:`_coordinate_rows`); finite: (N,) bool.
+    Returns col0, row0, box_w, box_h: (N,) long (box_h 0 for skipped faces).
     """
-    x, y, z = ndc[..., 0] / scale_x, ndc[..., 1] / scale_y, ndc[..., 2]
+    x, y, z = rows[0] / scale_x, rows[1] / scale_y, rows[2]
     # Continuous pixel-index coordinates: pixel c has its centre at c.
     cx = (x + 1) * (width / 2) - 0.5
     cy = (y + 1) * (height / 2) - 0.5
-    finite = torch.isfinite(ndc).all(-1).all(-1)
-    cx_min = cx.amin(-1).clamp(-1, width) - _BOX_SLACK
-    cx_max = cx.amax(-1).clamp(-1, width) + _BOX_SLACK
-    cy_min = cy.amin(-1).clamp(-1, height) - _BOX_SLACK
-    cy_max = cy.amax(-1).clamp(-1, height) + _BOX_SLACK
+    cx_min = cx.amin(0).clamp(-1, width) - _BOX_SLACK
+    cx_max = cx.amax(0).clamp(-1, width) + _BOX_SLACK
+    cy_min = cy.amin(0).clamp(-1, height) - _BOX_SLACK
+    cy_max = cy.amax(0).clamp(-1, height) + _BOX_SLACK
     col0 = torch.ceil(cx_min).clamp(min=0)
     col1 = torch.floor(cx_max).clamp(max=width - 1)
     row0 = torch.ceil(cy_min).clamp(min=0)
     row1 = torch.floor(cy_max).clamp(max=height - 1)
-    area = _edge(ndc[..., 0, 0], ndc[..., 0, 1], ndc[..., 1, 0], ndc[..., 1, 1], ndc[..., 2, 0], ndc[..., 2, 1])
-    usable = finite & (area.abs() > EPSILON) & (z.amin(-1) >= EPSILON) & (col1 >= col0) & (row1 >= row0)
+    (x0, x1, x2), (y0, y1, y2) = rows[0], rows[1]
+    area = _edge(x0, y0, x1, y1, x2, y2)
+    usable = finite & (area.abs() > EPSILON) & (z.amin(0) >= EPSILON) & (col1 >= col0) & (row1 >= row0)
     col0 = torch.where(usable, col0, torch.zeros_like(col0)).long()
     row0 = torch.where(usable, row0, torch.zeros_like(row0)).long()
     box_w = torch.where(usable, col1 - col0 + 1, torch.ones_like(col1)).long()
@@ -242,46 +255,51 @@ def _face_boxes(ndc: torch.Tensor, height: int, width: int, scale_x: float, scal
     return col0, row0, box_w, box_h
 
 
-def _nearest_face_keys(ndc: torch.Tensor, height: int, width: int, max_pairs: int) -> torch.Tensor:
+def _nearest_face_keys(ndc: torch.Tensor, corner_ids: torch.Tensor, batch: int, num_faces: int, height: int,
+                       width: int, max_pairs: int) -> torch.Tensor:
     """Packed (depth bits << 32 | face) of the nearest covering face per pixel; (B*H*W,) int64.
 
-    ndc: (B, F, 3, 3) float32 in pytorch3d's (stretched) NDC units, DECA's axis directions.
+    ndc: (B, V, 3) float32 vertices in pytorch3d's (stretched) NDC units, DECA's axis directions;
+    corner_ids: (3 corners, B*F) ids into the flattened (B*V,) vertices.
 
-    Each face's box is cut into row runs; runs are grouped by box width rounded up to a power of
-    two, so that a group evaluates a dense (runs, width) grid by broadcasting, with per-run (not
+    Faces whose box holds no pixel centre (or that are skipped) are dropped first. Each remaining
+    face's box is cut into row runs; runs are grouped by box width rounded up to a power of two,
+    so that a group evaluates a dense (runs, width) grid by broadcasting, with per-run (not
     per-pixel) gathers. Groups are processed in chunks of at most ``max_pairs`` grid cells.
     """
-    batch, num_faces = ndc.shape[:2]
     device = ndc.device
     scale_x, scale_y = _ndc_stretch(height, width)
-    flat = ndc.reshape(batch * num_faces, 3, 3)
-    col0, row0, box_w, box_h = _face_boxes(flat, height, width, scale_x, scale_y)
+    rows, finite = _coordinate_rows(ndc, corner_ids)
+    col0, row0, box_w, box_h = _face_boxes(rows, finite, height, width, scale_x, scale_y)
     keys = torch.full((batch * height * width,), _EMPTY_KEY, dtype=torch.int64, device=device)
-    face_of = torch.arange(batch * num_faces, device=device)
+    face_of = (box_h > 0).nonzero().squeeze(1)  # flat (mesh, face) index of the faces kept
+    if face_of.numel() == 0:
+        return keys
+    rows = torch.stack([row.index_select(0, face_of) for row in rows.view(9, -1)]).view(3, 3, -1)
+    col0, row0, box_w, box_h = (t.index_select(0, face_of) for t in (col0, row0, box_w, box_h))
     first_pixel = (face_of // num_faces * height + row0) * width + col0
     face_in_mesh = face_of % num_faces
-    plane = _pixel_step_planes(flat, col0, row0, height, width, scale_x, scale_y)  # (N, 3, 4)
+    plane = _pixel_step_planes(rows, col0, row0, height, width, scale_x, scale_y)  # (12, N)
     width_class = torch.ceil(torch.log2(box_w.double())).long()  # box_w >= 1
-    width_class = torch.where(box_h > 0, width_class, torch.full_like(width_class, -1))
-    classes = torch.unique(width_class)
-    for cls in classes[classes >= 0].tolist():
+    classes = torch.bincount(width_class).nonzero().squeeze(1)
+    for cls in classes.tolist():
         padded = 1 << cls
         members = (width_class == cls).nonzero().squeeze(1)
-        runs_per_face = box_h[members]
+        runs_per_face = box_h.index_select(0, members)
         ends = torch.cumsum(runs_per_face, 0)
         total_runs = int(ends[-1])
         runs_per_chunk = max(1, max_pairs // padded)
         for run_start in range(0, total_runs, runs_per_chunk):
             run_end = min(run_start + runs_per_chunk, total_runs)
             member, run_row = _enumerate_runs(ends, runs_per_face, run_start, run_end, total_runs)
-            owner = members[member]
-            coeff = plane.index_select(0, owner)
-            row_start = torch.addcmul(coeff[:, 0], run_row[:, None].to(coeff.dtype), coeff[:, 2])  # (R, 4)
+            owner = members.index_select(0, member)
+            coeff = plane.index_select(1, owner).view(3, 4, -1)
+            row_start = torch.addcmul(coeff[0], run_row.to(coeff.dtype), coeff[2])  # (4, R)
             columns = torch.arange(padded, device=device)
-            # (R, padded, 4): value at every pixel of the run, padded columns past the box included.
-            values = torch.addcmul(row_start[:, None, :], columns[None, :, None].to(coeff.dtype), coeff[:, None, 1])
+            # (4, R, padded): value at every pixel of the run, padded columns past the box included.
+            values = torch.addcmul(row_start[:, :, None], columns.to(coeff.dtype), coeff[1, :, :, None])
             # All barycentrics > 0 and every z >= EPSILON (checked per face) imply depth > 0.
-            hit = values[..., :3].amin(-1) > 0
+            hit = torch.minimum(torch.minimum(values[0], values[1]), values[2]) > 0
             if padded > 1:
                 hit &= columns[None, :] < box_w.index_select(0, owner)[:, None]
             hit_cell = hit.view(-1).nonzero().squeeze(1)
@@ -291,7 +309,7 @@ def _nearest_face_keys(ndc: torch.Tensor, height: int, width: int, max_pairs: in
             run_pixel = first_pixel.index_select(0, owner) + run_row * width
             pixel = run_pixel.index_select(0, hit_run) + (hit_cell & (padded - 1))
             # Non-negative float32 bit patterns order like the floats (-0.0 is folded onto +0.0).
-            depth = values[..., 3].reshape(-1).index_select(0, hit_cell) + 0.0
+            depth = values[3].reshape(-1).index_select(0, hit_cell) + 0.0
             face = face_in_mesh.index_select(0, owner).index_select(0, hit_run)
             key = (depth.view(torch.int32).to(torch.int64) << _FACE_BITS) | face
             keys.scatter_reduce_(0, pixel, key, reduce="amin", include_self=True)
@@ -307,7 +325,7 @@ def _enumerate_runs(ends: torch.Tensor, count: torch.Tensor, run_start: int, run
     device = ends.device
     if run_start == 0 and run_end == total:
         member = torch.repeat_interleave(torch.arange(count.numel(), device=device), count, output_size=run_end)
-        row = torch.arange(run_end, device=device) - (ends - count)[member]
+        row = torch.arange(run_end, device=device) - (ends - count).index_select(0, member)
         return member, row
     bounds = torch.searchsorted(ends, torch.tensor([run_start, run_end - 1], device=device), right=True)
     first, last = bounds.tolist()
@@ -316,7 +334,7 @@ def _enumerate_runs(ends: torch.Tensor, count: torch.Tensor, run_start: int, run
     counts[-1] -= ends[last] - run_end
     size = run_end - run_start
     member = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts, output_size=size)
-    local = torch.arange(size, device=device) - (torch.cumsum(counts, 0) - counts)[member]
+    local = torch.arange(size, device=device) - (torch.cumsum(counts, 0) - counts).index_select(0, member)
     member = member + first
     # Runs of the first member that earlier chunks already did.
     done_before = run_start - (ends[first] - count[first])
@@ -324,23 +342,25 @@ def _enumerate_runs(ends: torch.Tensor, count: torch.Tensor, run_start: int, run
     return member, row
 
 
-def _pixel_step_planes(flat, col0, row0, height, width, scale_x, scale_y) -> torch.Tensor:
+def _pixel_step_planes(rows, col0, row0, height, width, scale_x, scale_y) -> torch.Tensor:
     """Barycentrics and depth of each face as affine functions of the pixel offset in its box.
 
-    flat: (N, 3, 3) float32 NDC corners; col0, row0: (N,) box origins. Returns (N, 3, 4): rows are
-    (value at the origin pixel centre, change per column, change per row); columns are (w0, w1, w2,
-    z). The origin values use pytorch3d's formula exactly; steps are exact up to rounding.
+    rows: (3 coords, 3 corners, N) float32 NDC corners (see :func:`_coordinate_rows`); col0, row0:
+    (N,) box origins. Returns (12, N): (w0, w1, w2, z) at the origin pixel centre, then their
+    changes per column, then per row. The origin values use pytorch3d's
+    formula exactly; steps are exact up to rounding.
     """
-    px_table, py_table = _pixel_centres(height, width, scale_x, scale_y, flat.device, torch.float32)
-    origin = _barycentrics(px_table[col0], py_table[row0], flat)  # (N, 3)
-    x, y = flat[..., 0], flat[..., 1]
-    area = _edge(x[:, 2], y[:, 2], x[:, 0], y[:, 0], x[:, 1], y[:, 1]) + EPSILON
+    px_table, py_table = _pixel_centres(height, width, scale_x, scale_y, rows.device, torch.float32)
+    px, py = px_table.index_select(0, col0), py_table.index_select(0, row0)
+    (x0, x1, x2), (y0, y1, y2), (z0, z1, z2) = rows
+    area = _edge(x2, y2, x0, y0, x1, y1) + EPSILON
+    origin = (_edge(px, py, x1, y1, x2, y2) / area, _edge(px, py, x2, y2, x0, y0) / area,
+              _edge(px, py, x0, y0, x1, y1) / area)
     # Edge i runs between corners (i + 1, i + 2): d edge / d px = dy, d edge / d py = -dx.
-    nxt, nxt2 = [1, 2, 0], [2, 0, 1]
-    edge_dy = y[:, nxt2] - y[:, nxt]
-    edge_dx = x[:, nxt2] - x[:, nxt]
-    step_col = edge_dy * (2.0 * scale_x / width) / area[:, None]
-    step_row = -edge_dx * (2.0 * scale_y / height) / area[:, None]
-    z = flat[..., 2]
-    rows = [origin, step_col, step_row]
-    return torch.stack([torch.cat([r, (r * z).sum(1, keepdim=True)], 1) for r in rows], 1)
+    col_scale, row_scale = 2.0 * scale_x / width, 2.0 * scale_y / height
+    step_col = tuple(dy * col_scale / area for dy in (y2 - y1, y0 - y2, y1 - y0))
+    step_row = tuple(-dx * row_scale / area for dx in (x2 - x1, x0 - x2, x1 - x0))
+    columns = []
+    for w0, w1, w2 in (origin, step_col, step_row):
+        columns += [w0, w1, w2, w0 * z0 + w1 * z1 + w2 * z2]
+    return torch.stack(columns)

@@ -88,7 +88,7 @@ def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     faces = faces.to(device=vertices.device, dtype=torch.long).expand(batch, -1, -1)
     flat_faces = faces + num_vertices * torch.arange(batch, device=vertices.device)[:, None, None]
     flat_faces = flat_faces.reshape(-1, 3)
-    corners = vertices.reshape(-1, 3)[flat_faces]  # (B*F, 3, 3)
+    corners = vertices.reshape(-1, 3).index_select(0, flat_faces.reshape(-1)).view(-1, 3, 3)  # (B*F, 3, 3)
     face_normal = torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], dim=-1)
     summed = vertices.new_zeros(batch * num_vertices, 3)
     for corner in range(3):
@@ -184,7 +184,7 @@ class BufferRenderer(nn.Module):
         fragments = rasterize(screen, self.faces, height, width)
 
         normals = vertex_normals(vertices, self.faces)  # (B, V, 3)
-        face_normals = normals[:, self.faces]  # (B, F, 3, 3)
+        face_normals = normals.index_select(1, self.faces.reshape(-1)).view(batch, -1, 3, 3)  # (B, F, 3, 3)
         face_uv = self.face_uvcoords.to(face_normals.dtype).expand(batch, -1, -1, -1)
         pixels = _interpolate_channels_last(fragments, torch.cat([face_uv, face_normals], dim=-1))  # (B, H, W, 5)
 

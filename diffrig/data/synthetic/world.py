@@ -314,16 +314,24 @@ class SyntheticWorld:
         faces = self.renderer.faces
         batch, num_faces = vertices.shape[0], faces.shape[0]
         pixels = (screen[:, :, :2] + 1) * (self.size / 2) - 0.5  # pixel-centre units
-        a, b, c = pixels.index_select(1, faces.reshape(-1)).view(batch, num_faces, 3, 2).unbind(2)
-        edge1, edge2 = b - a, c - a
+        # coordinates as contiguous (B*V,) rows and corner ids as (3, B*F) rows: dense elementwise work
+        by_coord = pixels.reshape(-1, 2).t().contiguous()
+        offset = torch.arange(batch, device=self.device)[None, :, None] * vertices.shape[1]
+        corner_ids = (faces.t()[:, None, :] + offset).reshape(3, -1)
+        (ax, bx, cx), (ay, by, cy) = ([coord.index_select(0, ids) for ids in corner_ids] for coord in by_coord)
         # the screen's y points down: a face turned towards the camera runs clockwise there
-        keep = edge1[..., 0] * edge2[..., 1] - edge1[..., 1] * edge2[..., 0] < 0
+        keep = (bx - ax) * (cy - ay) - (by - ay) * (cx - ax) < 0
         # faces whose bounding box holds no pixel centre cover nothing: many of them at small sizes
-        low, high = torch.minimum(torch.minimum(a, b), c), torch.maximum(torch.maximum(a, b), c)
-        keep &= ((torch.ceil(low - PIXEL_SLACK) <= torch.floor(high + PIXEL_SLACK))
-                 & (high > -1) & (low < self.size)).all(-1)
+        for a, b, c in ((ax, bx, cx), (ay, by, cy)):
+            low, high = torch.minimum(torch.minimum(a, b), c), torch.maximum(torch.maximum(a, b), c)
+            keep &= (torch.ceil(low - PIXEL_SLACK) <= torch.floor(high + PIXEL_SLACK)) & (high > -1) & (low < self.size)
+        keep = keep.view(batch, num_faces)
         count = keep.sum(1)
-        order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :max(int(count.max()), 1)]
+        # the kept faces of each mesh first, in mesh order (the rest of a row is padding)
+        row_length = max(int(count.max()), 1)
+        slot = (torch.arange(batch, device=self.device)[:, None] * row_length + torch.cumsum(keep, 1) - 1)[keep]
+        order = torch.zeros(batch * row_length, dtype=torch.long, device=self.device)
+        order = order.index_copy(0, slot, keep.nonzero()[:, 1]).view(batch, row_length)
         kept = faces.index_select(0, order.reshape(-1)).view(batch, -1, 3)
         kept = kept * (torch.arange(order.shape[1], device=self.device) < count[:, None])[..., None]
         fragments = rasterize(screen + screen.new_tensor([0.0, 0.0, DEPTH_OFFSET]), kept, self.size, self.size)
