@@ -82,7 +82,9 @@ def rasterize(
         )
     # Vertex ids into the flattened (B*V, 3) vertices, corner-major: (3 corners, B*F).
     offset = torch.arange(batch, device=faces.device)[None, :, None] * vertices.shape[1]
-    corner_ids = (faces.permute(2, 0, 1) + offset).reshape(3, batch * num_faces).contiguous()
+    corner_ids = faces.new_empty(3, batch, num_faces)  # written in place: no strided copy
+    torch.add(faces.permute(2, 0, 1), offset, out=corner_ids)
+    corner_ids = corner_ids.view(3, batch * num_faces)
     keys = _nearest_face_keys(_to_pytorch3d_ndc(vertices.detach().float(), scale_x, scale_y), corner_ids,
                               batch, num_faces, height, width, max_pairs)
 

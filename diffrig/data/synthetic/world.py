@@ -317,7 +317,7 @@ class SyntheticWorld:
         # coordinates as contiguous (B*V,) rows and corner ids as (3, B*F) rows: dense elementwise work
         by_coord = pixels.reshape(-1, 2).t().contiguous()
         offset = torch.arange(batch, device=self.device)[None, :, None] * vertices.shape[1]
-        corner_ids = (faces.t()[:, None, :] + offset).reshape(3, -1)
+        corner_ids = (faces.t().contiguous()[:, None, :] + offset).view(3, -1)
         (ax, bx, cx), (ay, by, cy) = ([coord.index_select(0, ids) for ids in corner_ids] for coord in by_coord)
         # the screen's y points down: a face turned towards the camera runs clockwise there
         keep = (bx - ax) * (cy - ay) - (by - ay) * (cx - ax) < 0
