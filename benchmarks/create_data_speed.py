@@ -21,8 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -144,13 +143,12 @@ def main() -> None:
     encoders = max(1, _encode_workers(None, device))
     codes = codes.float().cpu()
     jobs = [(batch.names[i], batch.images[i], buffers[i], codes[i], batch.tforms[i]) for i in range(len(batch.names))]
-    with ProcessPoolExecutor(encoders, mp_context=multiprocessing.get_context("forkserver")) as pool:
-        list(pool.map(_encode, *zip(*jobs[:encoders])))  # start the workers
-        start = time.perf_counter()
+    with ThreadPoolExecutor(encoders) as pool:
+                start = time.perf_counter()
         list(pool.map(_encode, *zip(*(jobs * 4))))
         encode_rate = 4 * len(jobs) / (time.perf_counter() - start)
     print(f"stages alone: loader {loader_rate:.0f}/s, crop+encode+render {device_rate:.0f}/s (incl. copy to CPU), "
-          f"record encoding {encode_rate:.0f}/s ({encoders} processes)")
+          f"record encoding {encode_rate:.0f}/s ({encoders} threads)")
     print(json.dumps({"images_per_s": round(rate, 1), "count": args.count, "image_size": args.image_size,
                       "batch_size": args.batch_size, "device": str(device),
                       "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

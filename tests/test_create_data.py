@@ -404,7 +404,7 @@ def test_landmark_sidecars_mat_before_txt_and_bad_ones_named(tmp_path):
         sidecar_landmarks(image)
 
 
-def test_encoding_in_worker_processes_writes_the_same_records(truth, deca_dir, tmp_path):
+def test_encoding_in_worker_threads_writes_the_same_records(truth, deca_dir, tmp_path):
     options = dict(image_size=32, use_meanshape=False, deca_dir=deca_dir, codes="ground_truth", batch_size=2,
                    device="cpu", num_workers=0, progress=False)
     create_dataset(truth, tmp_path / "inline.lmdb", encode_workers=0, **options)
