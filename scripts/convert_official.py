@@ -13,17 +13,9 @@ import argparse
 import inspect
 import sys
 
+from diffrig.cliargs import str2bool
 from diffrig.errors import DiffrigError
 from diffrig.models import DiffusionRigModel, convert_official_checkpoint
-
-
-def str2bool(value: str) -> bool:
-    lowered = value.lower()
-    if lowered in ("yes", "true", "t", "y", "1"):
-        return True
-    if lowered in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
 def architecture_defaults() -> dict:

@@ -17,16 +17,8 @@ import argparse
 import inspect
 import sys
 
+from diffrig.cliargs import str2bool
 from diffrig.errors import DiffrigError
-
-
-def _bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("true", "yes", "1", "on", "t", "y"):
-        return True
-    if lowered in ("false", "no", "0", "off", "f", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def _flags(name: str) -> list[str]:
@@ -65,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                                f"instead of the seeded noise (default: {DEFAULT_INVERT})")
     sampling.add_argument("--seed", type=int, default=0, help="seed of the shared starting noise")
     sampling.add_argument(*_flags("batch_size"), dest="batch_size", type=int, default=8)
-    sampling.add_argument(*_flags("use_ddim"), dest="use_ddim", type=_bool, default=True,
+    sampling.add_argument(*_flags("use_ddim"), dest="use_ddim", type=str2bool, default=True,
                           help="official flag: false samples with the ancestral DDPM sampler")
     sampling.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     sampling.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
@@ -95,11 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, p in parameters.items():
         if name == "self":
             continue
-        kind = _bool if isinstance(p.default, bool) else type(p.default)
+        kind = str2bool if isinstance(p.default, bool) else type(p.default)
         official.add_argument(*_flags(name), dest=f"arch.{name}", type=kind, default=None,
-                              metavar="BOOL" if kind is _bool else kind.__name__.upper())
+                              metavar="BOOL" if kind is str2bool else kind.__name__.upper())
     official.add_argument(*_flags("diffusion_steps"), dest="diffusion_steps", type=int, default=1000)
-    for name, kind in (("clip_denoised", _bool), ("num_samples", int), ("noise_schedule", str)):
+    for name, kind in (("clip_denoised", str2bool), ("num_samples", int), ("noise_schedule", str)):
         official.add_argument(*_flags(name), dest=name, type=kind, default=None, help=argparse.SUPPRESS)
     return parser
 

@@ -51,6 +51,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from diffrig.cliargs import str2bool
 from diffrig.data.align import MIN_FACE, write_rejected
 from diffrig.data.crop import CROP_SIZE, crop_images, crop_transform, resize_matrix, resize_transform
 from diffrig.data.images import ImageRejected, load_rgb
@@ -471,15 +472,6 @@ def read_mean_shape(path: str | Path) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- command line
-
-def str2bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("yes", "true", "t", "y", "1"):
-        return True
-    if lowered in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (True or False), got {text!r}")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

@@ -14,6 +14,7 @@ import sys
 
 from accelerate import PartialState
 
+from diffrig.cliargs import str2bool
 from diffrig.errors import DiffrigError
 from diffrig.models import DiffusionRigModel
 from diffrig.training.config import FIELDS, TrainConfig, load_config
@@ -21,15 +22,6 @@ from diffrig.training.trainer import train
 
 # the official scripts/train.py spellings, accepted as well
 OFFICIAL_ALIASES = {"checkpoint_every": ["--save_interval"], "log_every": ["--log_interval"], "output_dir": ["--log_dir"]}
-
-
-def _bool(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("true", "yes", "1", "on", "t", "y"):
-        return True
-    if lowered in ("false", "no", "0", "off", "f", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def _model_defaults() -> dict:
@@ -47,14 +39,14 @@ def build_parser(description: str, aliases: dict[str, list[str]] | None = None) 
         if name in ("model", "stage"):
             continue
         default = getattr(defaults, name)
-        kind = _bool if isinstance(default, bool) else type(default)
+        kind = str2bool if isinstance(default, bool) else type(default)
         group.add_argument(f"--{name}", *aliases.get(name, []), dest=name, type=kind,
-                           metavar="BOOL" if kind is _bool else kind.__name__.upper())
+                           metavar="BOOL" if kind is str2bool else kind.__name__.upper())
     group = parser.add_argument_group("model architecture (official names; ignored when loading a model dir)")
     for name, default in _model_defaults().items():
-        kind = _bool if isinstance(default, bool) else type(default)
+        kind = str2bool if isinstance(default, bool) else type(default)
         group.add_argument(f"--{name}", dest=f"model.{name}", type=kind,
-                           metavar="BOOL" if kind is _bool else kind.__name__.upper())
+                           metavar="BOOL" if kind is str2bool else kind.__name__.upper())
     return parser
 
 

@@ -63,7 +63,7 @@ from diffrig.data.synthetic.priors import (
 from diffrig.data.synthetic.sidecar import PortraitTruth, sidecar_path, write_sidecar
 from diffrig.deca.codes import RigCodes
 from diffrig.deca.rasterizer import rasterize
-from diffrig.deca.render import DEPTH_OFFSET, orthographic_project, sh_shading, transform_points
+from diffrig.deca.render import DEPTH_OFFSET, orthographic_project, sh_shading, transform_points, vertex_normals
 from diffrig.errors import DataError
 from diffrig.rigs import head_rotation, jaw_pose
 
@@ -341,7 +341,7 @@ class SyntheticWorld:
         face = order.reshape(-1).index_select(
             0, fragments.pix_to_face.view(-1).index_select(0, pixel) + pixel // self.size**2 * order.shape[1])
         bary = fragments.bary_coords.view(-1, 3).index_select(0, pixel)[:, None]  # (N, 1, 3)
-        normals = _vertex_normals(vertices, faces).view(-1, 3)
+        normals = vertex_normals(vertices, faces).view(-1, 3)
         corner_vertices = faces.index_select(0, face) + (pixel // self.size**2 * vertices.shape[1])[:, None]
         normal = torch.zeros(covered.numel(), 3, device=self.device)
         normal[pixel] = (bary @ normals.index_select(0, corner_vertices.view(-1)).view(-1, 3, 3))[:, 0]
@@ -484,19 +484,6 @@ class _Surface:
     alpha: torch.Tensor
     normal: torch.Tensor
     uv: torch.Tensor
-
-
-def _vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """:func:`diffrig.deca.render.vertex_normals` (B, V, 3), the same arithmetic in the same order
-    (so the same bits), gathering with ``index_select``."""
-    batch, num_vertices = vertices.shape[:2]
-    flat_faces = (faces[None] + num_vertices * torch.arange(batch, device=vertices.device)[:, None, None]).view(-1, 3)
-    corners = vertices.reshape(-1, 3).index_select(0, flat_faces.view(-1)).view(-1, 3, 3)
-    face_normal = torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], dim=-1)
-    summed = vertices.new_zeros(batch * num_vertices, 3)
-    for corner in range(3):
-        summed = summed.index_add(0, flat_faces[:, corner], face_normal)
-    return F.normalize(summed, eps=1e-6, dim=1).view(batch, num_vertices, 3)
 
 
 def _sample(maps: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
