@@ -101,7 +101,8 @@ def main() -> int:
         return 1
 
     from diffrig.models import DiffusionRigModel
-    from diffrig.pipeline import RigEditPipeline, load_model
+    from diffrig.pipeline import RigEditPipeline
+    from diffrig.training.model_source import load_model
 
     torch.manual_seed(0)
     if args.model_path:

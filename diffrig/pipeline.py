@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffrig.training.model_source import load_model
 from diffrig import diffusion
 from diffrig.deca.codes import CODE_SIZES, RigCodes
-from diffrig.errors import CheckpointError, DataError, DiffrigError
+from diffrig.errors import DataError, DiffrigError
 from diffrig.rigs import HandRig
 
 MODES = ("pose", "light", "expression", "latent")
@@ -206,27 +207,6 @@ def save_png(image: torch.Tensor, path: str | Path) -> Path:
     return path
 
 
-def load_model(model_path: str | Path, **architecture):
-    """A :class:`DiffusionRigModel` from a model folder (``save_pretrained``) or an official ``model*.pt``.
-
-    ``architecture`` (official option names) applies to official checkpoints only.
-    """
-    from diffrig.models import DiffusionRigModel, load_official_checkpoint
-
-    path = Path(model_path)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path} is not a diffrig model folder (no config.json): give the folder "
-                                  "training wrote, or an official model*.pt")
-        try:
-            return DiffusionRigModel.from_pretrained(path)
-        except (OSError, ValueError, RuntimeError) as error:
-            raise CheckpointError(f"cannot load the model in {path}: {str(error).splitlines()[0]}") from error
-    if not path.exists():
-        raise CheckpointError(f"model {path} not found: give a model folder or an official model*.pt")
-    return load_official_checkpoint(path, **architecture)
-
-
 class RigEditPipeline:
     """Photos + a DiffusionRig model + a DECA rig -> edited photos (see the module docstring).
 
@@ -253,7 +233,7 @@ class RigEditPipeline:
         (``"builtin"``, a path, or None for the default) and optionally a mean shape file."""
         from diffrig.deca.rig import DECA
 
-        model = load_model(model_path, **architecture)
+        model = load_model(str(model_path), architecture)
         deca = DECA.from_dir(deca_dir)
         if meanshape is not None and not isinstance(meanshape, torch.Tensor):
             meanshape = read_meanshape(meanshape)
