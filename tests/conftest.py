@@ -1,3 +1,4 @@
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -40,3 +41,16 @@ TEST_CACHE = Path(os.environ.setdefault("DIFFRIG_CACHE", str(Path(tempfile.gette
 def builtin_cache() -> Path:
     """The cache root holding ``builtin/<version>``."""
     return TEST_CACHE
+
+
+@pytest.fixture(scope="module")
+def load_rig_once():
+    """DECA.from_dir reads every asset: within a module, each folder (and device) loads once and
+    the same rig is shared. Use it with ``pytestmark = pytest.mark.usefixtures("load_rig_once")``."""
+    from diffrig.deca.rig import DECA
+
+    load = functools.lru_cache(maxsize=None)(DECA.from_dir)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DECA, "from_dir", staticmethod(
+            lambda path=None, device="cpu", texture=None: load(str(path), device=str(device))))
+        yield

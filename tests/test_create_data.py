@@ -1,4 +1,3 @@
-import functools
 import json
 import shutil
 
@@ -6,7 +5,7 @@ import lmdb
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save_file
 
@@ -29,23 +28,12 @@ from diffrig.errors import DataError
 SMALL = 64
 PORTRAITS = ("alfw1.png", "image02673.png", "alfw2.png")
 SAMPLE_KEYS = {"image.png", "buffers.quant", "codes", "tform"}
+pytestmark = pytest.mark.usefixtures("load_rig_once")
 
 
 @pytest.fixture(scope="module")
 def deca_dir(builtin_cache):
     return "builtin"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def load_rig_once():
-    """DECA.from_dir reads every asset: load each folder once for the whole module."""
-    from diffrig.deca.rig import DECA
-
-    load = functools.lru_cache(maxsize=None)(DECA.from_dir)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(DECA, "from_dir", staticmethod(
-            lambda path=None, device="cpu", texture=None: load(str(path), device=str(device))))
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -413,3 +401,46 @@ def test_encoding_in_worker_threads_writes_the_same_records(truth, deca_dir, tmp
     assert [s.name for s in inline] == [s.name for s in pooled]
     for a, b in zip(inline, pooled):
         assert torch.equal(a.image, b.image) and torch.equal(a.buffers, b.buffers)
+
+
+def test_png_photos_of_the_right_size_are_stored_as_their_files(truth, deca_dir, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in PORTRAITS[:2]:
+        shutil.copy(sidecar_path(truth / name), sidecar_path(folder / name))
+    shutil.copy(truth / PORTRAITS[0], folder / PORTRAITS[0])  # IHDR, IDAT, IEND only
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "a text chunk may carry an orientation: not stored as it is")
+    Image.open(truth / PORTRAITS[1]).save(folder / PORTRAITS[1], pnginfo=info)
+    output = tmp_path / "out.lmdb"
+    create_dataset(folder, output, image_size=224, deca_dir=deca_dir, codes="ground_truth", batch_size=2,
+                   device="cpu", num_workers=0, encode_workers=2, progress=False)
+    with lmdb.open(str(output), readonly=True, lock=False) as env, env.begin() as txn:
+        stored = [st_load(txn.get(b"sample:%08d" % i))["image.png"].numpy().tobytes() for i in range(2)]
+    assert stored[0] == (folder / PORTRAITS[0]).read_bytes()
+    assert stored[1] != (folder / PORTRAITS[1]).read_bytes() and b"tEXt" not in stored[1]
+    for sample in samples(output):
+        assert torch.equal(sample.image, resized(folder / sample.name, 224))
+
+
+def test_a_failed_batch_stops_the_threaded_writer_and_the_run_resumes(truth, deca_dir, tmp_path, monkeypatch):
+    output = tmp_path / "threads.lmdb"
+    options = dict(image_size=16, deca_dir=deca_dir, codes="ground_truth", batch_size=1, device="cpu",
+                   num_workers=0, encode_workers=2, progress=False)
+    real_append = RecordWriter.append_encoded
+    calls = []
+
+    def crash_on_second_batch(writer, records):
+        calls.append([name for name, _ in records])
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return real_append(writer, records)
+
+    monkeypatch.setattr(RecordWriter, "append_encoded", crash_on_second_batch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        create_dataset(truth, output, **options)
+    assert calls == [[PORTRAITS[0]], [PORTRAITS[2]]]  # nothing tried after the failed batch
+    monkeypatch.setattr(RecordWriter, "append_encoded", real_append)
+    summary = create_dataset(truth, output, **options)
+    assert summary.existing == 1 and summary.written == 2
+    assert sorted(sample.name for sample in samples(output)) == sorted(PORTRAITS)

@@ -1,6 +1,5 @@
 """scripts/inference.py: edits, grid, hand-set rigs, and one clear line for each bad input."""
 
-import functools
 import importlib.util
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from diffrig.models import DiffusionRigModel
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "inference.py"
 S = 32
+pytestmark = pytest.mark.usefixtures("builtin_cache", "load_rig_once")
 
 
 @pytest.fixture(scope="module")
@@ -20,18 +20,6 @@ def cli():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module", autouse=True)
-def load_rig_once(builtin_cache):
-    """DECA.from_dir reads every asset: load the built-in set once for the module."""
-    from diffrig.deca.rig import DECA
-
-    load = functools.lru_cache(maxsize=None)(DECA.from_dir)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(DECA, "from_dir", staticmethod(
-            lambda path=None, device="cpu", texture=None: load(str(path), device=str(device))))
-        yield
 
 
 @pytest.fixture(scope="module")

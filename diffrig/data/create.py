@@ -10,9 +10,12 @@ For every image of a folder (sorted by name; hidden files and landmark/codes sid
    the resized frame; with ``codes="ground_truth"`` (synthetic portraits) the transform and the
    codes come from the sidecar ``x.codes.safetensors`` instead (:mod:`diffrig.data.synthetic`);
 3. on the device, in batches: crop to 224², encode with DECA, replace the shape with the album's
-   mean shape when asked, and render the buffers into the ``image_size``² image frame;
+   mean shape when asked, render the buffers into the ``image_size``² image frame and quantise
+   them for storage (only 8/16-bit planes come back to the host);
 4. store image, buffers, codes and crop transform (:mod:`diffrig.data.records`), a batch per LMDB
-   transaction.
+   transaction; records are compressed in threads and written by another while the device works
+   on the next batches. A photo that already is an 8-bit RGB PNG of ``image_size``² is stored as
+   its own file's bytes (ancillary chunks dropped), not compressed again.
 
 With ``use_meanshape`` a first pass encodes every usable image and saves the mean shape code as
 ``OUT/mean_shape.safetensors`` (tensor ``shape``, (1, 100)); every sample's codes and buffers use it.
@@ -38,6 +41,7 @@ import hashlib
 import logging
 import os
 import sys
+import threading
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -56,7 +60,8 @@ from diffrig.data.align import MIN_FACE, write_rejected
 from diffrig.data.crop import CROP_SIZE, crop_images, crop_transform, resize_matrix, resize_transform
 from diffrig.data.images import ImageRejected, load_rgb
 from diffrig.data.lmdb_store import DatasetMeta, RecordWriter
-from diffrig.data.records import Sample, encode_sample
+from diffrig.data.png import plain_png
+from diffrig.data.records import QuantisedBuffers, encode_record, quantise_buffers
 from diffrig.deca.codes import CODE_SIZES, RigCodes
 from diffrig.deca.files import DECA_FILES
 from diffrig.errors import DataError, DiffrigError
@@ -67,6 +72,7 @@ CODES_SOURCES = ("deca", "ground_truth")
 MEAN_SHAPE_FILE = "mean_shape.safetensors"
 LANDMARK_SIDECARS = (".mat", ".txt")  # DECA's order of preference
 FINGERPRINT_CHUNK = 1 << 20
+BATCHES_IN_FLIGHT = 3  # rendered batches waiting for compression or LMDB (memory: ~70 MB each at 256², B=64)
 
 
 # ----------------------------------------------------------------------------- inputs and sidecars
@@ -154,7 +160,9 @@ class CropInputs(Dataset):
     """Loads, resizes and finds the crop transform of each image (DataLoader workers' work).
 
     Items: ``{"name", "image" uint8 (3, S, S), "tform" float32 (3, 3), "codes" float32 (236,) or
-    None}`` or, for an unusable file, ``{"name", "reason"}``. ``tforms`` (name -> (3, 3)) skips
+    None, "png" bytes or None}`` or, for an unusable file, ``{"name", "reason"}``. ``png`` is the
+    file's own PNG (ancillary chunks dropped) when it holds exactly ``image``: the record stores
+    it instead of compressing the pixels again. ``tforms`` (name -> (3, 3)) skips
     the landmark step for images whose transform is already known."""
 
     def __init__(self, files: list[Path], names: list[str], image_size: int, codes: str = "deca",
@@ -182,6 +190,7 @@ class CropInputs(Dataset):
         source_size = image.size
         resized = image if image.size == (size, size) else image.resize((size, size), Image.Resampling.LANCZOS)
         pixels = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        png = plain_png(path.read_bytes(), size) if image.size == (size, size) else None
         codes = None
         if self.codes == "ground_truth":
             codes, tform = ground_truth(path, image, size)
@@ -193,7 +202,7 @@ class CropInputs(Dataset):
             tform = crop_transform(torch.from_numpy(landmarks)[None])[0]
             if not torch.isfinite(tform).all():
                 raise ImageRejected(path, "the landmarks span no area: cannot crop the face")
-        return {"image": pixels, "tform": tform.float(), "codes": codes}
+        return {"image": pixels, "tform": tform.float(), "codes": codes, "png": png}
 
     def _landmarks(self, path: Path, image: Image.Image) -> np.ndarray:
         """(N, 2) landmarks in the pixels of the loaded picture: sidecar, else dlib's largest face."""
@@ -214,18 +223,23 @@ class CropInputs(Dataset):
 @dataclass
 class Batch:
     """Collated usable items (images uint8 (B, 3, S, S), tforms float32 (B, 3, 3), codes float32
-    (B, 236) or None) and the rejected ones as (name, reason)."""
+    (B, 236) or None, the files' own PNGs or None) and the rejected ones as (name, reason)."""
 
     names: list[str]
     images: torch.Tensor | None
     tforms: torch.Tensor | None
     codes: torch.Tensor | None
     rejected: list[tuple[str, str]]
+    pngs: list[bytes | None] = field(default_factory=list)
 
     def pin_memory(self) -> "Batch":
         """Called by a DataLoader with ``pin_memory=True``."""
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
-        return Batch(self.names, pin(self.images), pin(self.tforms), pin(self.codes), self.rejected)
+        return Batch(self.names, pin(self.images), pin(self.tforms), pin(self.codes), self.rejected, self.pngs)
+
+    def stored_image(self, i: int) -> torch.Tensor | bytes:
+        """What the record of item ``i`` stores as its photo: the file's PNG, else the pixels."""
+        return self.pngs[i] if self.pngs[i] is not None else self.images[i]
 
 
 def collate(items: list[dict]) -> Batch:
@@ -235,7 +249,8 @@ def collate(items: list[dict]) -> Batch:
         return Batch([], None, None, None, rejected)
     codes = torch.stack([item["codes"] for item in good]) if good[0]["codes"] is not None else None
     return Batch(names=[item["name"] for item in good], images=torch.stack([item["image"] for item in good]),
-                 tforms=torch.stack([item["tform"] for item in good]), codes=codes, rejected=rejected)
+                 tforms=torch.stack([item["tform"] for item in good]), codes=codes, rejected=rejected,
+                 pngs=[item["png"] for item in good])
 
 
 # ----------------------------------------------------------------------------- device stage
@@ -264,6 +279,28 @@ def _with_mean_shape(codes: torch.Tensor, mean_shape: torch.Tensor | None) -> to
     codes = codes.clone()
     codes[:, : CODE_SIZES["shape"]] = mean_shape.to(codes)
     return codes
+
+
+@dataclass
+class RenderedBatch:
+    """The device stage's output on the host: codes float32 (B, 236) and the quantised buffers."""
+
+    codes: torch.Tensor
+    buffers: QuantisedBuffers
+
+
+def render_batch(deca, batch: Batch, mean_shape: torch.Tensor | None, image_size: int) -> RenderedBatch:
+    """Crop, encode (or take the sidecar codes), apply the mean shape, render and quantise a batch,
+    all on ``deca``'s device; only the codes and the 8/16-bit buffer planes come back."""
+    codes = _with_mean_shape(batch_codes(deca, batch), mean_shape)
+    buffers = quantise_buffers(render_buffers(deca, codes, batch.tforms, image_size))
+    return RenderedBatch(codes.float().cpu(), buffers)
+
+
+def encode_item(batch: Batch, rendered: RenderedBatch, i: int) -> bytes:
+    """Record bytes of item ``i`` (thread-safe; the PNG compression runs outside the GIL)."""
+    return encode_record(batch.names[i], batch.stored_image(i), rendered.buffers[i], rendered.codes[i],
+                         batch.tforms[i])
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -309,8 +346,9 @@ def create_dataset(data_dir: str | Path, output_dir: str | Path, image_size: int
     codes: ``"deca"`` (DECA's encoder on the crops) or ``"ground_truth"`` (the synthetic world's
         ``x.codes.safetensors`` sidecars: codes and crop transform, no landmarks, no encoder).
     num_workers: DataLoader processes for loading and landmarks (default: up to 8 on CUDA, 0 on CPU).
-    encode_workers: threads compressing records to PNG while the device renders (zlib releases
-        the GIL); 0 encodes inline. Default: the CPU count (at most 16) on CUDA, 0 on CPU.
+    encode_workers: threads compressing records to PNG while the device renders (numpy and zlib
+        release the GIL), plus one thread writing them to LMDB; 0 does both inline. Default: the
+        CPU count (at most 8) on CUDA, 0 on CPU.
 
     Raises DataError when there is nothing to read, when ``output_dir`` holds a dataset made with
     other settings or files, or when no image could be used; AssetError for missing DECA files.
@@ -372,11 +410,13 @@ def create_dataset(data_dir: str | Path, output_dir: str | Path, image_size: int
 def _encode_workers(requested: int | None, device: torch.device) -> int:
     if requested is not None:
         return requested
-    return min(16, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
+    # A 256² record costs ~7 ms of one core, nearly all of it zlib outside the GIL: 8 threads keep
+    # up with well over 300 records/s and leave cores to the loader processes and the device thread.
+    return min(8, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
 
 
 class _InlineExecutor(Executor):
-    """Runs each call at submit: the encoding pool for ``encode_workers=0``."""
+    """Runs each call at submit: the encoding and writing "pools" for ``encode_workers=0``."""
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
         future: Future = Future()
@@ -386,41 +426,49 @@ class _InlineExecutor(Executor):
 
 def _write_records(deca, writer: RecordWriter, loader: DataLoader, total: int, mean_shape: torch.Tensor | None,
                    image_size: int, workers: int, summary: CreateSummary, progress: bool) -> None:
-    """Render and append every batch of ``loader``, counting into ``summary``. Records are
-    compressed in a thread pool while the device works on the next batches."""
+    """Render and append every batch of ``loader``, counting into ``summary``. With ``workers``
+    threads this is a pipeline: while the device renders a batch, the threads compress the
+    records of the batches before it and one more thread writes finished batches to LMDB, in
+    order, a transaction each (nothing is written after a batch that failed)."""
     bar = tqdm(total=total, desc="creating", unit="img", disable=not progress)
-    in_flight: deque[list[Future]] = deque()
-    # A process pool (forkserver) stalled on a GPU host; threads measured 285 records/s there.
-    pool = ThreadPoolExecutor(workers) if workers > 0 else _InlineExecutor()
+    # A process pool (forkserver) stalled on a GPU host: threads, with the PNG work outside the GIL.
+    encoders = ThreadPoolExecutor(workers) if workers > 0 else _InlineExecutor()
+    committer = ThreadPoolExecutor(1) if workers > 0 else _InlineExecutor()
+    commits: deque[Future] = deque()
+    failed = threading.Event()
+
+    def commit(names: list[str], records: list[Future]) -> None:
+        if failed.is_set():
+            return
+        try:
+            writer.append_encoded([(name, record.result()) for name, record in zip(names, records)])
+        except BaseException:
+            failed.set()
+            raise
+        summary.written += len(names)
+
     try:
         for batch in loader:
             summary.rejected += batch.rejected
             for name, reason in batch.rejected:
                 logger.info("%s: skipped, %s", name, reason)
             if batch.names:
-                codes = _with_mean_shape(batch_codes(deca, batch), mean_shape)
-                buffers = render_buffers(deca, codes, batch.tforms, image_size).float().cpu()
-                codes = codes.float().cpu()
-                in_flight.append([pool.submit(_encode, name, batch.images[i], buffers[i], codes[i], batch.tforms[i])
-                                  for i, name in enumerate(batch.names)])
-                while len(in_flight) > 2:
-                    records = [f.result() for f in in_flight.popleft()]
-                    writer.append_encoded(records)
-                    summary.written += len(records)
+                rendered = render_batch(deca, batch, mean_shape, image_size)
+                records = [encoders.submit(encode_item, batch, rendered, i) for i in range(len(batch.names))]
+                commits.append(committer.submit(commit, batch.names, records))
+                while commits and (len(commits) > BATCHES_IN_FLIGHT or commits[0].done()):
+                    commits.popleft().result()  # raises a failed batch's error
             bar.update(len(batch.names) + len(batch.rejected))
             bar.set_postfix(written=summary.existing + summary.written, rejected=len(summary.rejected))
-        while in_flight:
-            records = [f.result() for f in in_flight.popleft()]
-            writer.append_encoded(records)
-            summary.written += len(records)
+        while commits:
+            commits.popleft().result()
+    except BaseException:
+        failed.set()
+        raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        committer.shutdown(wait=True, cancel_futures=True)
+        encoders.shutdown(wait=True, cancel_futures=True)
         bar.close()
-
-
-def _encode(name: str, image: torch.Tensor, buffers: torch.Tensor, codes: torch.Tensor, tform: torch.Tensor
-            ) -> tuple[str, bytes]:
-    return name, encode_sample(Sample(name=name, image=image, buffers=buffers, codes=codes, tform=tform))
 
 
 def _mean_shape(deca, inputs: CropInputs, output: Path, written: int, loader_options: dict, progress: bool
