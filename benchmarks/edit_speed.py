@@ -4,7 +4,7 @@ Times ``RigEditPipeline.generate`` (the sampling loop alone) for each batch size
 
 - ``fp32-eager``: float32, one kernel launch at a time (what the official code does);
 - ``fp32-graph``: float32, the whole DDIM loop replayed as one CUDA graph (same numbers as eager);
-- ``bf16-graph``: bfloat16 autocast, channels-last, CUDA graph;
+- ``bf16-graph``: the UNet on a bfloat16 copy of its weights, channels-last, CUDA graph;
 - ``bf16-graph-compile``: the same with ``torch.compile`` (``--compile``);
 
 and, with ``--with_rig`` (default), whole one-photo edits (``pipeline.edit``: rig rendering of
@@ -86,6 +86,7 @@ def main() -> int:
     parser.add_argument("--model_path", help="a diffrig model folder or official .pt (default: random 256² model)")
     parser.add_argument("--official_repo", type=Path, help="a checkout of adobe-research/diffusion-rig")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--official_batch_sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--timestep_respacing", default="ddim20")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile + bf16 + CUDA graph")
     parser.add_argument("--with_rig", action=argparse.BooleanOptionalAction, default=True,
@@ -166,7 +167,7 @@ def main() -> int:
         from diffrig.rigs import HandRig
 
         pipeline.deca = DECA.from_dir("builtin", device=device)
-        pipeline.enable_fast_sampling(dtype=torch.bfloat16, cuda_graphs=True)
+        pipeline.enable_fast_sampling(dtype=torch.bfloat16, compile=args.compile, cuda_graphs=True)
         world = SyntheticWorld("builtin", size=size, device=device, rig=pipeline.deca)
         photo = world.sample(world.identity(0), [0])
         source = Portraits(world.render_portraits(photo), photo.codes, photo.tform, ["photo"])
@@ -174,12 +175,13 @@ def main() -> int:
         for invert in (False, True):
             edit = lambda: pipeline.edit(source, rig=rig, timestep_respacing=respacing, invert=invert)  # noqa: E731
             what = "rig + latent + DDIM inversion + DDIM" if invert else "rig + latent + DDIM from seeded noise"
-            report(rows, **common, implementation="diffrig", variant=f"bf16-graph whole edit ({what})",
+            variant = "bf16-graph-compile" if args.compile else "bf16-graph"
+            report(rows, **common, implementation="diffrig", variant=f"{variant} whole edit ({what})",
                    batch_size=1, times=timed(edit, args.repeats, args.warmup))
 
     if args.official_repo:
         official, diffusion = official_sampler(args.official_repo.resolve(), pipeline.model.float(), respacing)
-        for batch in sorted({1, 8}):
+        for batch in args.official_batch_sizes:
             buffers, latent, noise = inputs(batch)
             kwargs = {"physic_cond": buffers, "detail_cond": latent}
 
@@ -189,7 +191,7 @@ def main() -> int:
                                                       clip_denoised=True, model_kwargs=kwargs)
 
             row = report(rows, **common, implementation="official", variant="ddim_sample_loop fp32", batch_size=batch,
-                         times=timed(run_official, args.repeats, args.warmup))
+                         times=timed(run_official, min(args.repeats, 3), 1))
             if batch in eager_fp32:
                 diff = float((run_official() - eager_fp32[batch]).abs().max())
                 row["max_abs_diff_diffrig_fp32_vs_official"] = diff

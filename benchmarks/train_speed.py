@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from diffrig.training.cli import _bool
+from diffrig.cliargs import str2bool as _bool
 from diffrig.training.config import load_config
 from diffrig.training.model_source import new_model
 from diffrig.training.step import build_training

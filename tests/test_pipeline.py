@@ -331,8 +331,11 @@ def test_ddim_loop_equals_diffusion_sample_and_noise_is_shared(pipeline):
     assert torch.equal(inverted, D.ddim_invert(pipeline.model, image, buffers, latent, timestep_respacing="ddim5"))
 
 
-def test_generate_with_a_diffusers_scheduler_and_autocast_wrapper():
+def test_generate_with_a_diffusers_scheduler_and_the_fast_sampling_denoisers():
     pipeline = RigEditPipeline(tiny_model(), None)
+    with torch.no_grad():  # an output layer that is not zero: ε depends on the weights' precision
+        for parameter in pipeline.model.unet.conv_out.parameters():
+            parameter.normal_(0, 0.05)
     g = torch.Generator().manual_seed(6)
     buffers, latent = torch.randn(2, 9, S, S, generator=g), torch.randn(2, 16, generator=g)
     euler = pipeline.generate(buffers, latent, num_inference_steps=3, scheduler="euler")
@@ -340,6 +343,10 @@ def test_generate_with_a_diffusers_scheduler_and_autocast_wrapper():
     assert euler.shape == ddim.shape == (2, 3, S, S) and not torch.allclose(euler, ddim)
     pipeline.enable_fast_sampling(dtype=None, channels_last=True, cuda_graphs=False)
     assert torch.allclose(pipeline.generate(buffers, latent, num_inference_steps=3), ddim, atol=1e-5)
+    pipeline.enable_fast_sampling(dtype=torch.bfloat16, cuda_graphs=False)  # a bf16 copy of the UNet samples
+    fast = pipeline.generate(buffers, latent, num_inference_steps=3)
+    assert fast.dtype == torch.float32 and 0 < (fast - ddim).abs().mean() < 0.01
+    assert all(p.dtype == torch.float32 for p in pipeline.model.parameters())  # the model itself is untouched
 
 
 def train_tiny(steps=30):

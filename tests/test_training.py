@@ -374,13 +374,18 @@ def test_nonfinite_steps_are_skipped_and_training_goes_on(dataset_dir, tmp_path,
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_repeated_nonfinite_losses_stop_with_a_checkpoint(dataset_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("host_sync_every, stopped_at", [(1, 3), (4, 4)])
+def test_repeated_nonfinite_losses_stop_with_a_checkpoint(dataset_dir, tmp_path, monkeypatch, host_sync_every,
+                                                          stopped_at):
+    # losses are read back every host_sync_every steps: the stop comes at the first read-back after step 3,
+    # and every step up to it was skipped (by the fused optimizer on the device, without a host round trip)
     poison(monkeypatch, None)
     with pytest.raises(NonFiniteLossError, match="3 consecutive steps") as error:
-        train(tiny(dataset_dir, tmp_path, max_steps=20, max_nonfinite_steps=3))
+        train(tiny(dataset_dir, tmp_path, max_steps=20, max_nonfinite_steps=3, host_sync_every=host_sync_every,
+                   log_every=100))
     assert isinstance(error.value, DiffrigError)
     latest = resolve_resume(tmp_path / "checkpoints", "latest")
-    assert latest.name == "checkpoint-000003"
+    assert latest.name == f"checkpoint-{stopped_at:06d}"
     saved = DiffusionRigModel.from_pretrained(latest / "model")
     initial = tiny_model(seed=0)  # train() seeds with config.seed (0) just before building the model
     assert all(torch.equal(a, b) for a, b in zip(initial.state_dict().values(), saved.state_dict().values()))

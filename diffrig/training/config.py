@@ -58,12 +58,13 @@ class TrainConfig:
     compile_mode: str = "default"  # torch.compile mode: default, reduce-overhead, max-autotune, ...
     activation_memory_budget: float = 1.0  # with compile: < 1 recomputes cheap ops to keep fewer activations
     gradient_checkpointing: bool = False
-    fused_optimizer: bool = True  # fused Adam kernel on CUDA
+    fused_optimizer: bool = True  # fused Adam kernel (also lets a non-finite step be skipped on the device)
     allow_tf32: bool = True
     num_workers: int = 4
 
     # bookkeeping
     log_every: int = 10
+    host_sync_every: int = 10  # steps between reading losses back (the GPU runs ahead in between)
     checkpoint_every: int = 5000  # 0: only at the end (and on a stop signal)
     keep_checkpoints: int = 2  # the newest K; 0 keeps all
     sample_every: int = 1000  # 0: no sample grids
@@ -82,7 +83,7 @@ class TrainConfig:
         if self.tracker not in TRACKERS:
             problems.append(f"tracker must be one of {', '.join(TRACKERS)}, got {self.tracker!r}")
         for name in ("batch_size", "gradient_accumulation_steps", "sample_count", "sample_steps",
-                     "max_nonfinite_steps", "log_every", "num_train_timesteps"):
+                     "max_nonfinite_steps", "log_every", "host_sync_every", "num_train_timesteps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_steps", "checkpoint_every", "keep_checkpoints", "sample_every", "num_workers",

@@ -3,9 +3,14 @@
 One step: for each micro-batch draw timesteps and noise, compute the P2-weighted loss and
 backpropagate (gradients synchronised on the last micro-batch only); clip the gradient norm; agree
 across processes on the mean loss, whether any process saw a non-finite loss and whether any was
-asked to stop (one all-reduce of four numbers, the step's only host synchronisation); then either
-take the optimizer (and EMA) step or, after a non-finite loss, drop the gradients and put back the
-BatchNorm statistics that the forward pass moved, so that a skipped step leaves no trace.
+asked to stop (one all-reduce of four numbers); then either take the optimizer (and EMA) step or,
+after a non-finite loss, drop the gradients and put back the BatchNorm statistics that the forward
+pass moved, so that a skipped step leaves no trace.
+
+With a fused Adam and neither a gradient scaler nor EMA, that choice is made on the device (the
+fused kernel's ``found_inf`` input skips the update; the statistics are put back with
+``torch.where``), so a step never waits for the GPU: its :class:`StepStats` are read back later,
+many steps at once (:meth:`StepStats.read_all`). Otherwise the step reads its stats at once.
 """
 
 from __future__ import annotations
@@ -27,12 +32,43 @@ from diffrig.training.objective import DiffusionObjective
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
-@dataclass
 class StepStats:
-    loss: float  # mean over micro-batches and processes (nan when non-finite)
-    grad_norm: float  # before clipping; 0 when clipping is off
-    nonfinite: bool  # some process saw a non-finite loss: the step was skipped
-    stop: bool  # some process was asked to stop
+    """One step's outcome, agreed across processes, kept on the device until first read:
+    ``loss`` (mean over micro-batches and processes; nan when non-finite), ``grad_norm`` (before
+    clipping; 0 when clipping is off), ``nonfinite`` (some process saw a non-finite loss: the step
+    was skipped), ``stop`` (some process was asked to stop)."""
+
+    def __init__(self, summed: torch.Tensor, world: int):
+        self._summed, self._world, self._host = summed, world, None  # (4,): loss, nonfinite, stop, grad_norm
+
+    @staticmethod
+    def read_all(stats: list[StepStats]) -> None:
+        """Copy every pending value to the host with one synchronisation."""
+        pending = [s for s in stats if s._host is None]
+        if pending:
+            for s, values in zip(pending, torch.stack([s._summed for s in pending]).tolist()):
+                s._host = values
+
+    def _values(self) -> list[float]:
+        if self._host is None:
+            StepStats.read_all([self])
+        return self._host
+
+    @property
+    def loss(self) -> float:
+        return self._values()[0] / self._world
+
+    @property
+    def nonfinite(self) -> bool:
+        return self._values()[1] > 0
+
+    @property
+    def stop(self) -> bool:
+        return self._values()[2] > 0
+
+    @property
+    def grad_norm(self) -> float:
+        return self._values()[3] / self._world
 
 
 @dataclass
@@ -60,6 +96,8 @@ class TrainStep:
             functorch_config.activation_memory_budget = config.activation_memory_budget
         self.forward = torch.compile(objective, mode=config.compile_mode) if config.compile else objective
         self.mark_cuda_graph_step = config.compile and config.compile_mode in CUDA_GRAPH_MODES
+        fused = getattr(optimizer, "optimizer", optimizer).defaults.get("fused")
+        self.skip_on_device = bool(fused) and accelerator.scaler is None and ema is None
 
     def __call__(self, micro_batches: list[dict], stop_requested: bool = False) -> StepStats:
         accelerator = self.accelerator
@@ -84,9 +122,11 @@ class TrainStep:
         mean_loss = total / len(micro_batches)
         local = torch.stack([mean_loss, (~torch.isfinite(mean_loss)).float(),
                              torch.full((), float(stop_requested), device=accelerator.device), grad_norm])
-        loss_sum, nonfinite, stop, grad_norm_sum = accelerator.reduce(local, reduction="sum").tolist()
-        world = accelerator.num_processes
-        if nonfinite > 0:
+        summed = accelerator.reduce(local, reduction="sum")
+        stats = StepStats(summed, accelerator.num_processes)
+        if self.skip_on_device:
+            self._step_or_skip_on_device(summed[1] > 0)
+        elif stats.nonfinite:
             self.optimizer.zero_grad(set_to_none=True)
             if self.buffers:
                 torch._foreach_copy_(self.buffers, self.buffer_snapshot)
@@ -98,8 +138,16 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.step(self.model.parameters())
-        return StepStats(loss=loss_sum / world, grad_norm=grad_norm_sum / world, nonfinite=nonfinite > 0,
-                         stop=stop > 0)
+        return stats
+
+    def _step_or_skip_on_device(self, skip: torch.Tensor) -> None:
+        """The optimizer step, or (``skip``: a bool tensor on the device) none and the BatchNorm
+        statistics put back, decided without a host synchronisation."""
+        getattr(self.optimizer, "optimizer", self.optimizer).found_inf = skip.float()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for buffer, saved in zip(self.buffers, self.buffer_snapshot):
+            buffer.copy_(torch.where(skip, saved, buffer))
 
 
 def build_training(config: TrainConfig, accelerator: Accelerator, model: DiffusionRigModel) -> TrainingParts:
@@ -112,9 +160,9 @@ def build_training(config: TrainConfig, accelerator: Accelerator, model: Diffusi
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(device=accelerator.device, memory_format=memory_format)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    fused = config.fused_optimizer and accelerator.device.type == "cuda"
     optimizer = torch.optim.Adam(trainable, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                 eps=config.adam_eps, weight_decay=config.weight_decay, fused=fused or None)
+                                 eps=config.adam_eps, weight_decay=config.weight_decay,
+                                 fused=config.fused_optimizer or None)
     ema = create_ema(model, config.ema_decay) if config.ema else None
     schedule = make_schedule(config.num_train_timesteps, config.p2_gamma, config.p2_k)
     objective, optimizer = accelerator.prepare(DiffusionObjective(model, schedule), optimizer)

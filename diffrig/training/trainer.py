@@ -7,8 +7,10 @@ Writes under ``output_dir``: ``config.yaml`` (the settings used), ``checkpoints/
 ``max_steps`` is reached, ``model/`` (and ``model_ema/`` with EMA), ``save_pretrained`` dirs.
 
 A step counts whether it was applied or skipped (non-finite loss): either way it consumed its
-batch, so the data position and the step number stay in lockstep. On SIGTERM/SIGINT the step in
-flight finishes, a checkpoint is written and :func:`train` returns with ``interrupted=True``.
+batch, so the data position and the step number stay in lockstep. The GPU runs ahead of the loop:
+losses are read back every ``host_sync_every`` steps (and before logging, sampling or saving), and
+a stop signal or a run of non-finite losses is acted on at the next such step: on SIGTERM/SIGINT
+training goes on to it, writes a checkpoint and :func:`train` returns with ``interrupted=True``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from diffrig.training.ema import ema_weights
 from diffrig.training.model_source import load_model, new_model
 from diffrig.training.samples import sample_grid
 from diffrig.training.signals import StopRequest
-from diffrig.training.step import build_training
+from diffrig.training.step import StepStats, build_training
 
 logger = logging.getLogger(__name__)
 
@@ -181,29 +183,38 @@ def _run(config, accelerator, model, dataset, resume_dir, resumed) -> TrainingRe
     progress = tqdm(total=config.max_steps or None, initial=step, disable=not main, dynamic_ncols=True,
                     desc=f"stage {config.stage}")
     window = {"loss": [], "grad_norm": [], "skipped": 0, "start": time.perf_counter(), "steps": 0}
+    pending: list[tuple[int, StepStats]] = []  # steps whose stats are still on the device
     with StopRequest() as stop, progress:
         while config.max_steps == 0 or step < config.max_steps:
             stats = parts.step([next(batches) for _ in range(config.gradient_accumulation_steps)], stop.requested)
             step += 1
-            result.losses.append(stats.loss)
             progress.update(1)
-            if stats.nonfinite:
+            pending.append((step, stats))
+            if not _read_back_due(config, step):
+                continue
+            StepStats.read_all([stats for _, stats in pending])
+            stop_seen = False
+            for at, stats in pending:
+                result.losses.append(stats.loss)
+                stop_seen |= stats.stop
+                window["steps"] += 1
+                if not stats.nonfinite:
+                    streak = 0
+                    window["loss"].append(stats.loss)
+                    window["grad_norm"].append(stats.grad_norm)
+                    continue
                 streak += 1
                 window["skipped"] += 1
                 if main:
                     logger.warning("step %d: non-finite loss (%s); optimizer step skipped (%d in a row, "
-                                   "stopping at %d)", step, stats.loss, streak, config.max_nonfinite_steps)
+                                   "stopping at %d)", at, stats.loss, streak, config.max_nonfinite_steps)
                 if streak >= config.max_nonfinite_steps:
                     path = save()
                     raise NonFiniteLossError(
-                        f"the loss was not finite for {streak} consecutive steps (up to step {step}); weights "
-                        f"are those of step {step - streak}, saved in {path}. Lower lr, use "
-                        "mixed_precision bf16 or no, or check the data for NaN/Inf values")
-            else:
-                streak = 0
-                window["loss"].append(stats.loss)
-                window["grad_norm"].append(stats.grad_norm)
-            window["steps"] += 1
+                        f"the loss was not finite for {streak} consecutive steps (steps {at - streak + 1} to "
+                        f"{at}), which were skipped; the weights of step {step} are saved in {path}. Lower lr, "
+                        "use mixed_precision bf16 or no, or check the data for NaN/Inf values")
+            pending.clear()
 
             if step % config.log_every == 0:
                 elapsed = time.perf_counter() - window["start"]
@@ -219,7 +230,7 @@ def _run(config, accelerator, model, dataset, resume_dir, resumed) -> TrainingRe
             if main and config.sample_every and step % config.sample_every == 0:
                 _write_samples(accelerator, parts, validation, validation_noise, config, output, step)
 
-            if stats.stop and (config.max_steps == 0 or step < config.max_steps):
+            if stop_seen and (config.max_steps == 0 or step < config.max_steps):
                 save()
                 result.interrupted = True
                 if main:
@@ -242,6 +253,14 @@ def _run(config, accelerator, model, dataset, resume_dir, resumed) -> TrainingRe
         accelerator.wait_for_everyone()
         result.model_dir = output / "model"
     return result
+
+
+def _read_back_due(config: TrainConfig, step: int) -> bool:
+    """Whether the steps run so far are read back now: at the same steps on every process (so that
+    all of them act on a stop or a run of non-finite losses together), and before anything that
+    logs or saves them."""
+    return (step % config.host_sync_every == 0 or step % config.log_every == 0 or step == config.max_steps
+            or any(every and step % every == 0 for every in (config.checkpoint_every, config.sample_every)))
 
 
 def _mean(values: list[float]) -> float:
