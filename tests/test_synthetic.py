@@ -138,6 +138,11 @@ def test_identities_differ_in_hair_and_skin_under_the_same_codes(world):
         plain = world.albedo(person.tex[None])[0]
         darker = (plain - albedo_map).amax(0)
         assert 0.05 < float(darker.max()) and float((darker > 0.02).float().mean()) < 0.05
+    # an identity's map is the same whether built alone (above) or with others in one batch
+    world._maps.clear()
+    world._albedo_groups(people[::-1])
+    for person, albedo_map in zip(people, maps):
+        assert torch.allclose(world.albedo_map(person), albedo_map, atol=1e-6)
 
 
 def test_same_seed_same_bytes_other_seed_other_photos(tmp_path, world, rig):
@@ -279,8 +284,15 @@ def test_edit_with_ffhq_centre_keeps_the_face_in_place(world, rig):
 
 
 def test_uv_albedo_equals_the_albedo_space(world, rig):
+    from diffrig.data.synthetic.world import UVAlbedo
+
     tex = torch.randn(2, 50, generator=torch.Generator().manual_seed(3))
-    assert torch.allclose(world.albedo(tex), rig.albedo_space(tex), atol=1e-5)
+    full = rig.albedo_space(tex)
+    assert torch.allclose(UVAlbedo(rig.albedo_space)(tex), full, atol=1e-5)
+    # 64² photos sample a 128² map: the space's map, nearest-neighbour resized
+    assert world.albedo.size == world.atlas.size == 2 * SIZE
+    smaller = torch.nn.functional.interpolate(full, size=2 * SIZE, mode="nearest")
+    assert torch.allclose(world.albedo(tex), smaller, atol=1e-5)
 
 
 def test_size_256_and_size_limits(rig):

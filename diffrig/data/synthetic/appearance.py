@@ -34,6 +34,7 @@ SEAM_FILL_STEPS = 6  # texels of UV-island border filled from their neighbours
 EDGE_PIXELS = 1.5  # width of the soft edges of hair outlines and clothes
 FRECKLE_TINT = (0.45, 0.62, 0.75)  # how much a full freckle darkens R, G, B
 MOLE_TINT = (0.55, 0.68, 0.72)
+SKIN_UV_SIDE = 256  # SkinStyle's radii are texels of a UV map this wide (scaled for other sides)
 HEAD_CHANNELS = ("cos_azimuth", "sin_azimuth", "height", "side")  # per-texel head coordinates
 
 
@@ -215,52 +216,66 @@ def shine_zone(head: torch.Tensor) -> torch.Tensor:
     return (0.6 + 0.8 * torch.exp(-((head[:, 3] / 0.45) ** 2)))[:, None]
 
 
-def _spots(size: int, centres: torch.Tensor, radii: torch.Tensor, strengths: torch.Tensor):
-    """Gaussian spots (N) at texel positions centres (N, 2) (row, column) on a (U, U) map, as the
-    texels they touch (T,) (flat indices, sorted) and their summed values (T,)."""
-    if centres.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0)
-    reach = int(math.ceil(2.5 * float(radii.max())))
-    offsets = torch.arange(-reach, reach + 1, dtype=torch.float32)
-    rows = centres[:, 0].floor()[:, None, None] + offsets[None, :, None]  # (N, P, 1)
-    cols = centres[:, 1].floor()[:, None, None] + offsets[None, None, :]  # (N, 1, P)
-    distance = (rows - centres[:, 0, None, None]) ** 2 + (cols - centres[:, 1, None, None]) ** 2
-    value = strengths[:, None, None] * torch.exp(-distance / (2 * radii[:, None, None] ** 2))
-    rows, cols = torch.broadcast_tensors(rows, cols)
-    inside = (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)
-    touched, slot = torch.unique((rows * size + cols)[inside].long(), return_inverse=True)
-    return touched, torch.zeros(touched.numel()).index_add(0, slot, value[inside])
+def add_skin_detail(albedo: torch.Tensor, atlas: HeadAtlas, skins: list[SkinStyle], seeds: list[int]) -> torch.Tensor:
+    """Darken UV albedo maps (K, 3, U, U) in place at each identity's freckles (cheeks and nose)
+    and moles (face below the brows), placed from its seed; returns them.
 
+    Each identity draws its spots from its own generator; the spots of all maps are then splatted
+    at once as Gaussians (radii in texels of a :data:`SKIN_UV_SIDE`-wide map, scaled to U).
+    """
+    side = atlas.size
+    counts, draws, params = [], [], []
+    totals = (float(atlas.freckle_cdf[-1]), float(atlas.mole_cdf[-1]))
+    for skin, seed in zip(skins, seeds):
+        freckles = skin.freckles if totals[0] > 0 else 0
+        moles = skin.moles if totals[1] > 0 else 0
+        counts += [freckles, moles]
+        # per spot: place in the zone, jitter within the texel (2), size, strength
+        draws.append(torch.rand(5, freckles + moles, generator=generator(seed), dtype=torch.float64))
+        params += [[skin.freckle_radius * 0.7, skin.freckle_radius * 0.6, skin.freckle_strength * 0.6,
+                    skin.freckle_strength * 0.8],
+                   [skin.mole_radius * 0.8, skin.mole_radius * 0.4, 0.8, 0.2]]
+    counts = torch.tensor(counts)
+    total = int(counts.sum())
+    if total == 0:
+        return albedo
+    u = torch.cat(draws, dim=1)
+    group = torch.repeat_interleave(torch.arange(len(counts)), counts, output_size=total)  # 2 * map + kind
+    radius_low, radius_span, strength_low, strength_span = torch.tensor(params, dtype=torch.float64)[group].T
+    position = torch.empty(total, dtype=torch.long)
+    for kind, cdf in enumerate((atlas.freckle_cdf, atlas.mole_cdf)):
+        mine = (group % 2 == kind).nonzero().squeeze(1)
+        if mine.numel():
+            picked = torch.searchsorted(cdf, u[0, mine] * cdf[-1], right=True).clamp(max=cdf.numel() - 1)
+            position[mine] = picked
+    centre_row = ((position // side).double() + u[1] - 0.5).float()
+    centre_col = ((position % side).double() + u[2] - 0.5).float()
+    radius = ((radius_low + radius_span * u[3]) * (side / SKIN_UV_SIDE)).float()
+    strength = (strength_low + strength_span * u[4]).float()
 
-def _draw_texels(zone_cdf: torch.Tensor, count: int, g: torch.Generator) -> torch.Tensor:
-    """``count`` texel positions (count, 2) (row, column, jittered within the texel) drawn with
-    probability proportional to a zone's weights, given as their cumulative sum (U * U,)."""
-    total = float(zone_cdf[-1])
-    if count == 0 or total <= 0:
-        return torch.zeros(0, 2)
-    size = math.isqrt(zone_cdf.numel())
-    index = torch.searchsorted(zone_cdf, torch.rand(count, generator=g, dtype=torch.float64) * total, right=True)
-    index = index.clamp(max=zone_cdf.numel() - 1)
-    jitter = torch.rand(count, 2, generator=g) - 0.5
-    return torch.stack([index // size, index % size], dim=1).float() + jitter
+    # each spot covers the texels within ceil(2.5 radius) rows and columns of its own: the same
+    # footprint whatever other spots share the batch
+    reach = torch.ceil(2.5 * radius)
+    offsets = torch.arange(-int(reach.max()), int(reach.max()) + 1, dtype=torch.float32)
+    rows = centre_row.floor()[:, None, None] + offsets[None, :, None]  # (N, P, 1)
+    cols = centre_col.floor()[:, None, None] + offsets[None, None, :]  # (N, 1, P)
+    distance = (rows - centre_row[:, None, None]) ** 2 + (cols - centre_col[:, None, None]) ** 2
+    value = strength[:, None, None] * torch.exp(-distance / (2 * radius[:, None, None] ** 2))
+    near = offsets.abs()[None, :] <= reach[:, None]  # (N, P)
+    inside = (rows >= 0) & (rows < side) & (cols >= 0) & (cols < side) & near[:, :, None] & near[:, None, :]
+    texel = rows.clamp(0, side - 1).long() * side + cols.clamp(0, side - 1).long()  # off-map: adds 0 to a texel
+    slot = (group[:, None, None] * side * side + texel).view(-1)
+    sums = torch.zeros(len(counts) * side * side).index_add_(0, slot, (value * inside).view(-1))
+    sums = sums.view(-1, 2, side * side).clamp_(max=1.0)  # (K, freckles / moles, U * U)
 
-
-def add_skin_detail(albedo: torch.Tensor, atlas: HeadAtlas, skin: SkinStyle, seed: int) -> torch.Tensor:
-    """Darken a UV albedo map (3, U, U) in place at the identity's freckles (cheeks and nose) and
-    moles (face below the brows), placed from ``seed``; returns it."""
-    g = generator(seed)
-    freckles = _draw_texels(atlas.freckle_cdf, skin.freckles, g)
-    count = len(freckles)
-    freckle_spots = _spots(atlas.size, freckles, skin.freckle_radius * (0.7 + 0.6 * torch.rand(count, generator=g)),
-                           skin.freckle_strength * (0.6 + 0.8 * torch.rand(count, generator=g)))
-    moles = _draw_texels(atlas.mole_cdf, skin.moles, g)
-    count = len(moles)
-    mole_spots = _spots(atlas.size, moles, skin.mole_radius * (0.8 + 0.4 * torch.rand(count, generator=g)),
-                        0.8 + 0.2 * torch.rand(count, generator=g))
-    flat = albedo.view(3, -1)
-    for (touched, value), tint in ((freckle_spots, FRECKLE_TINT), (mole_spots, MOLE_TINT)):
-        factor = 1 - torch.tensor(tint)[:, None] * value.clamp(max=1.0)[None]
-        flat[:, touched.to(albedo.device)] *= factor.to(albedo)
+    touched = (sums[:, 0] + sums[:, 1]).view(-1).nonzero().squeeze(1)  # map * U * U + texel
+    freckle, mole = (sums[:, kind].reshape(-1).index_select(0, touched) for kind in (0, 1))
+    factor = (1 - torch.tensor(FRECKLE_TINT)[:, None] * freckle) * (1 - torch.tensor(MOLE_TINT)[:, None] * mole)
+    map_index, texel = touched // (side * side), touched % (side * side)
+    flat_index = (map_index * 3 + torch.arange(3)[:, None]) * (side * side) + texel  # (3, T)
+    flat = albedo.view(-1)
+    flat_index = flat_index.view(-1).to(albedo.device)
+    flat.index_copy_(0, flat_index, flat.index_select(0, flat_index) * factor.view(-1).to(albedo))
     return albedo
 
 
@@ -283,11 +298,11 @@ def specular(normal: torch.Tensor, direction: torch.Tensor, intensity: torch.Ten
 # ----------------------------------------------------------------------------- around the head
 
 
-def pixel_grid(size: int, device=None) -> torch.Tensor:
-    """(S, S, 2) pixel centres in the normalized image frame (x right, y down, [-1, 1])."""
+def pixel_axes(size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel centres in the normalized image frame (x right, y down, [-1, 1]) as x (1, 1, S) and
+    y (1, S, 1): they broadcast to (1, S, S) (per-photo terms are computed per row or column)."""
     centres = (2 * torch.arange(size, device=device, dtype=torch.float32) + 1) / size - 1
-    y, x = torch.meshgrid(centres, centres, indexing="ij")
-    return torch.stack([x, y], dim=-1)
+    return centres.view(1, 1, size), centres.view(1, size, 1)
 
 
 @dataclass
@@ -321,10 +336,11 @@ def hair_back_layer(styles: list[HairStyle], frame: HeadFrame, size: int) -> tup
     widening by ``flare``; short hair (negative length) ends ``-length`` above the centre.
     """
     device = frame.centre.device
-    relative = pixel_grid(size, device)[None] - frame.centre[:, None, None]
+    x, y = pixel_axes(size, device)
+    x, y = x - frame.centre[:, 0, None, None], y - frame.centre[:, 1, None, None]  # (B, 1, S), (B, S, 1)
     radius = frame.radius[:, None, None]
-    u = (relative * frame.right[:, None, None]).sum(-1) / radius
-    v = (relative * frame.up[:, None, None]).sum(-1) / radius
+    u = (x * (frame.right[:, 0, None, None] / radius) + y * (frame.right[:, 1, None, None] / radius))
+    v = (x * (frame.up[:, 0, None, None] / radius) + y * (frame.up[:, 1, None, None] / radius))
     width, height, power, length, flare = (_per_photo(styles, n, device)
                                            for n in ("width", "height", "roundness", "length", "flare"))
     angle = torch.atan2(v, u)
@@ -393,16 +409,18 @@ def _gathered(nuisances: list[Nuisance], name: str, device) -> torch.Tensor:
 
 def background(nuisances: list[Nuisance], size: int, device=None) -> torch.Tensor:
     """Backdrops (B, 3, S, S): a tilted vertical gradient with soft blobs of colour."""
-    grid = pixel_grid(size, device)[None]
+    x, y = pixel_axes(size, device)
     top, bottom, tilt = (_gathered(nuisances, name, device) for name in ("top", "bottom", "tilt"))
-    t = ((grid[..., 1] + tilt[:, None, None] * grid[..., 0]) * 0.5 + 0.5).clamp(0.0, 1.0)
+    t = ((y + tilt[:, None, None] * x) * 0.5 + 0.5).clamp(0.0, 1.0)
     image = top[:, :, None, None] + (bottom - top)[:, :, None, None] * t[:, None]
     centres, radii, colours, strengths = (_gathered(nuisances, name, device) for name in
                                           ("blob_centres", "blob_radii", "blob_colours", "blob_strengths"))
     for k in range(centres.shape[1]):
-        distance = (grid - centres[:, None, None, k]).pow(2).sum(-1)
-        weight = strengths[:, k, None, None] * torch.exp(-distance / (2 * radii[:, k, None, None] ** 2))
-        image = image + (colours[:, k, :, None, None] - image) * weight[:, None]
+        spread = 2 * radii[:, k, None, None] ** 2
+        # a round Gaussian is a column profile times a row profile
+        across = torch.exp(-(x - centres[:, k, 0, None, None]) ** 2 / spread)  # (B, 1, S)
+        down = strengths[:, k, None, None] * torch.exp(-(y - centres[:, k, 1, None, None]) ** 2 / spread)  # (B, S, 1)
+        image = image + (colours[:, k, :, None, None] - image) * (down * across)[:, None]
     return image
 
 
@@ -415,10 +433,10 @@ def clothes_layer(nuisances: list[Nuisance], chin: torch.Tensor, unit: torch.Ten
     below the chin and dips at the collar.
     """
     device = chin.device
-    grid = pixel_grid(size, device)[None]
+    x, y = pixel_axes(size, device)
     unit = unit[:, None, None]
-    x = (grid[..., 0] - chin[:, 0, None, None]) / unit
-    y = (grid[..., 1] - chin[:, 1, None, None]) / unit
+    x = (x - chin[:, 0, None, None]) / unit  # (B, 1, S)
+    y = (y - chin[:, 1, None, None]) / unit  # (B, S, 1)
     depth, width = _per_photo(nuisances, "collar_depth", device), _per_photo(nuisances, "collar_width", device)
     top = 0.15 + 0.05 * x.abs() + depth * torch.exp(-0.5 * (x / width) ** 2)
     coverage = _smoothstep(0.5 + (y - top) * unit * size / 2 / EDGE_PIXELS)

@@ -2,7 +2,7 @@
 
     python scripts/make_synthetic.py --identities 200 --per_identity 1 --size 64 --output_dir ffhq_like/
     python scripts/make_synthetic.py --identities 1 --first_identity 1000 --per_identity 20 --output_dir album/
-    python scripts/make_synthetic.py --identities 5000 --size 64 --output_dir big/ --workers 2   # one per core
+    python scripts/make_synthetic.py --identities 5000 --size 64 --output_dir big/   # one process per core
 
 writes ``OUT/<identity>_<image>.png`` with ground-truth sidecars (see :mod:`diffrig.data.synthetic`).
 """
@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=64,
                         help="photos rendered at once (default 64)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="processes rendering side by side on the CPU, e.g. the number of cores (default 1)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="single-threaded processes rendering side by side on the CPU (default: one per core)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.identities < 1 or args.per_identity < 1 or args.first_identity < 0 or args.first_image < 0:
             raise DataError("--identities and --per_identity must be at least 1, --first_identity and "
                             "--first_image at least 0")
-        if args.batch_size < 1 or args.workers < 1:
+        if args.batch_size < 1 or (args.workers is not None and args.workers < 1):
             raise DataError("--batch_size and --workers must be at least 1")
         world = SyntheticWorld(args.deca_dir, size=args.size, seed=args.seed, device=args.device)
         identities = range(args.first_identity, args.first_identity + args.identities)

@@ -12,12 +12,13 @@ DECA's basis analytically (:func:`sh_light`), so shading stays positive.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from diffrig.deca.codes import CODE_SIZES, NUM_SH
+from diffrig.deca.codes import CODE_SIZES
 from diffrig.deca.render import SH_CONSTANTS
 
 # Streams of the seed tree: one per kind of draw.
@@ -26,6 +27,8 @@ IDENTITY_STREAM, PHOTO_STREAM, NUISANCE_STREAM = 0, 1, 2
 # Irradiance factors of SH bands 0, 1, 2 (clamped cosine); DECA's basis carries them from band 1 on.
 _BAND_FACTOR = torch.tensor([math.pi] + [2 * math.pi / 3] * 3 + [math.pi / 4] * 5)
 _Y00 = 1.0 / math.sqrt(4 * math.pi)
+_SH_OVER_BAND = SH_CONSTANTS.double().numpy() / _BAND_FACTOR.double().numpy()
+_ONES3 = np.ones(3)
 
 # Natural hair colours (linear-ish RGB in [0, 1]) and how often they occur.
 HAIR_PALETTE = torch.tensor([
@@ -74,16 +77,27 @@ class Draws:
         self._z += count
         return self._normal[self._z - count:self._z]
 
-    def choice(self, weights: torch.Tensor) -> int:
+    def choice(self, weights: torch.Tensor | Sequence[float]) -> int:
         """An index drawn with probability proportional to ``weights``."""
-        cumulative = (weights / weights.sum()).cumsum(0).tolist()
-        u = self.uniform()
-        return next((i for i, edge in enumerate(cumulative) if u < edge), len(cumulative) - 1)
+        weights = weights.tolist() if isinstance(weights, torch.Tensor) else list(weights)
+        threshold, edge = self.uniform() * sum(weights), 0.0
+        for index, weight in enumerate(weights):
+            edge += weight
+            if threshold < edge:
+                return index
+        return len(weights) - 1
 
 
 def _decaying_std(size: int, first: float, last: float) -> torch.Tensor:
     """Per-component standard deviations falling geometrically from ``first`` to ``last``."""
     return first * (last / first) ** torch.linspace(0, 1, size)
+
+
+SHAPE_STD = _decaying_std(CODE_SIZES["shape"], 1.0, 0.3)
+# the leading albedo components carry skin tone and the like; the rest mottle the skin
+TEX_STD = torch.cat([torch.ones(NAMED_TEX), _decaying_std(CODE_SIZES["tex"] - NAMED_TEX, 0.35, 0.15)])
+EXP_STD = _decaying_std(CODE_SIZES["exp"], 0.6, 0.15)
+ANGLE_STD, ANGLE_LIMIT = torch.tensor([15.0, 7.0, 3.0]), torch.tensor([40.0, 20.0, 8.0])  # yaw, pitch, roll
 
 
 @dataclass
@@ -139,17 +153,15 @@ class SpecularStyle:
 def sample_identity(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, HairStyle, SkinStyle, SpecularStyle]:
     """FLAME shape (100,) and albedo tex (50,) codes, hair, skin and shine of one identity."""
     draws = Draws(g, uniforms=40, normals=CODE_SIZES["shape"] + CODE_SIZES["tex"] + 4)
-    shape = draws.normals(CODE_SIZES["shape"]) * _decaying_std(CODE_SIZES["shape"], 1.0, 0.3)
-    # the leading albedo components carry skin tone and the like; the rest mottle the skin
-    tex_std = torch.cat([torch.ones(NAMED_TEX), _decaying_std(CODE_SIZES["tex"] - NAMED_TEX, 0.35, 0.15)])
-    tex = draws.normals(CODE_SIZES["tex"]) * tex_std
+    shape = draws.normals(CODE_SIZES["shape"]) * SHAPE_STD
+    tex = draws.normals(CODE_SIZES["tex"]) * TEX_STD
     return shape, tex, _hair(draws), _skin(draws), SpecularStyle(draws.uniform(0.08, 0.3), draws.uniform(8.0, 40.0))
 
 
 def _hair(draws: Draws) -> HairStyle:
     shade, tint = draws.normals(1), draws.normals(3)  # overall lightness, a slight hue shift
     colour = (HAIR_PALETTE[draws.choice(HAIR_WEIGHTS)] * torch.exp(0.15 * shade + 0.04 * tint)).clamp(0.0, 1.0)
-    fringe_kind = draws.choice(torch.tensor([0.5, 0.25, 0.25]))  # none, full, to one side
+    fringe_kind = draws.choice((0.5, 0.25, 0.25))  # none, full, to one side
     side = 1.0 if draws.uniform() < 0.5 else -1.0
     fringe_level, fringe_width, fringe_centre = draws.uniform(0.12, 0.4), 0.0, 0.0
     if fringe_kind == 1:
@@ -206,11 +218,10 @@ class PhotoDraw:
 
 def sample_photo(g: torch.Generator, nuisance_seed: int) -> PhotoDraw:
     draws = Draws(g, uniforms=8, normals=12 + CODE_SIZES["exp"])
-    angles = (draws.normals(3) * torch.tensor([15.0, 7.0, 3.0])).clamp(torch.tensor([-40.0, -20.0, -8.0]),
-                                                                       torch.tensor([40.0, 20.0, 8.0]))
-    jaw = float((4.0 * draws.normals(1)).abs().clamp(max=15.0))
-    exp = draws.normals(CODE_SIZES["exp"]) * _decaying_std(CODE_SIZES["exp"], 0.6, 0.15)
-    zoom, shift = float(0.04 * draws.normals(1)), 0.02 * draws.normals(2)
+    angles = torch.maximum(torch.minimum(draws.normals(3) * ANGLE_STD, ANGLE_LIMIT), -ANGLE_LIMIT)
+    jaw = min(abs(4.0 * float(draws.normals(1))), 15.0)
+    exp = draws.normals(CODE_SIZES["exp"]) * EXP_STD
+    zoom, shift = 0.04 * float(draws.normals(1)), 0.02 * draws.normals(2)
     return PhotoDraw(angles=angles, jaw=jaw, exp=exp, light=sample_light(draws), zoom=zoom, shift=shift,
                      nuisance_seed=nuisance_seed)
 
@@ -219,32 +230,36 @@ def sample_light(draws: Draws) -> torch.Tensor:
     """An SH light (9, 3): tinted ambient plus one distant light from the front half."""
     azimuth = math.radians(draws.uniform(-75.0, 75.0))
     elevation = math.radians(draws.uniform(-15.0, 55.0))
-    direction = torch.tensor([math.sin(azimuth) * math.cos(elevation), math.sin(elevation),
-                              math.cos(azimuth) * math.cos(elevation)])
+    direction = [math.sin(azimuth) * math.cos(elevation), math.sin(elevation), math.cos(azimuth) * math.cos(elevation)]
     warmth = draws.uniform(-0.12, 0.12)
-    tint = torch.tensor([1.0 + warmth, 1.0, 1.0 - warmth])
-    ambient = draws.uniform(0.35, 0.6) * (1.0 + 0.03 * draws.normals(3))
-    intensity = draws.uniform(0.3, 0.75) * tint
-    return sh_light(direction, intensity, ambient)
+    ambient = draws.uniform(0.35, 0.6) * (1.0 + 0.03 * draws.normals(3).numpy().astype(np.float64))
+    strength = draws.uniform(0.3, 0.75)
+    return sh_light(direction, [strength * (1.0 + warmth), strength, strength * (1.0 - warmth)], ambient)
 
 
-def sh_light(direction: torch.Tensor, intensity: torch.Tensor, ambient: torch.Tensor) -> torch.Tensor:
+def sh_light(direction: torch.Tensor | Sequence[float], intensity: torch.Tensor | Sequence[float] | float,
+             ambient: torch.Tensor | Sequence[float] | float) -> torch.Tensor:
     """SH light (9, 3) whose shading is ``ambient + intensity * max(0, n . direction)``, per RGB
     channel, to second order: the clamped cosine's SH projection in DECA's basis (whose band 0
     lacks the irradiance factor pi that bands 1 and 2 carry).
 
-    direction: (3,) (normalized here); intensity, ambient: (3,) or scalars.
+    direction: (3,) (normalized here); intensity, ambient: (3,) or scalars (tensors, arrays or
+    floats). Computed in float64 (plain numpy: cheap for one light), returned as float32.
     """
-    direction = direction / direction.norm()
-    x, y, z = direction.tolist()
-    polynomials = torch.tensor([1.0, x, y, z, x * y, x * z, y * z, x * x - y * y, 3 * z * z - 1])
-    kernel = SH_CONSTANTS * polynomials / _BAND_FACTOR  # Y_k(direction) for k >= 1
+    x, y, z = _float64(direction).tolist()
+    length = math.sqrt(x * x + y * y + z * z)
+    x, y, z = x / length, y / length, z / length
+    # Y_k(direction) for k >= 1
+    kernel = _SH_OVER_BAND * np.array([1.0, x, y, z, x * y, x * z, y * z, x * x - y * y, 3 * z * z - 1])
     kernel[0] = math.pi * _Y00
-    intensity = torch.as_tensor(intensity, dtype=torch.float32).expand(3)
-    ambient = torch.as_tensor(ambient, dtype=torch.float32).expand(3)
-    light = kernel[:, None] * intensity[None, :]
-    light[0] += ambient / _Y00
-    return light
+    light = kernel[:, None] * (_ONES3 * _float64(intensity))[None, :]
+    light[0] += _ONES3 * _float64(ambient) / _Y00
+    return torch.from_numpy(light.astype(np.float32))
+
+
+def _float64(value) -> np.ndarray:
+    """A float, sequence, array or tensor (any device) as a float64 array."""
+    return np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=np.float64)
 
 
 def dominant_light(light: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,8 +53,8 @@ def write_sidecar(path: str | PathLike, truth: PortraitTruth) -> None:
     """Write ``truth`` to ``path`` (a ``.codes.safetensors`` file)."""
     if truth.codes.batch_size != 1:
         raise ValueError(f"a sidecar holds the codes of one portrait, got a batch of {truth.codes.batch_size}")
-    tensors = {name: value[0].detach().float().cpu().contiguous() for name, value in truth.codes.as_dict().items()}
-    tensors["tform"] = truth.tform.detach().float().cpu().reshape(3, 3).contiguous()
+    tensors = {name: value.detach()[0] for name, value in truth.codes.as_dict().items()}
+    tensors["tform"] = truth.tform.detach().reshape(3, 3)
     metadata = {name: str(int(getattr(truth, name))) for name in _INT_FIELDS}
     metadata.update(format=SIDECAR_FORMAT, deca_dir=str(truth.deca_dir))
     Path(path).write_bytes(_safetensors_bytes(tensors, metadata))
@@ -64,16 +64,16 @@ def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str
     """A safetensors file of float32 tensors, its header in sorted order, so that equal content
     gives equal bytes (the safetensors library orders metadata keys arbitrarily)."""
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
-    chunks, offset = [], 0
-    for name in sorted(tensors):
-        data = tensors[name].to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
+    names = sorted(tensors)
+    data = torch.cat([tensors[name].reshape(-1).float().cpu() for name in names]).numpy().astype("<f4", copy=False)
+    offset = 0
+    for name in names:
+        size = 4 * tensors[name].numel()
+        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + size]}
+        offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
+    return struct.pack("<Q", len(text)) + text + data.tobytes()
 
 
 def read_sidecar(path: str | PathLike) -> PortraitTruth:

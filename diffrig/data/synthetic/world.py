@@ -12,8 +12,10 @@ A photo is ``render(identity, codes, tform, nuisance_seed)``:
 
 The mesh is rasterized with the rig's rasterizer and DECA's conventions, so ``DECA.decode(codes,
 size=S, tform=tform)`` gives buffers whose alpha is the photo's face and whose normals shade it.
-Only faces turned towards the camera (and spanning a pixel centre) are rasterized, which leaves
-the picture of a closed mesh such as the built-in head unchanged.
+Only faces turned towards the camera that may cover a pixel centre are rasterized, which leaves
+the picture of a closed mesh such as the built-in head unchanged. UV maps (albedo with freckles
+and moles, head coordinates) are built at twice the photo's side, at most the rig's UV size: as
+fine as the photo samples them.
 
 Each photo is framed like an FFHQ-aligned portrait: the camera puts the FFHQ crop square of its
 own landmarks (the rule of ``scripts/align.py``: centre a tenth of the way from the eyes to the
@@ -28,8 +30,11 @@ their last bits between batch compositions (BLAS), and the same call gives the s
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
+import os
+import sys
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,10 +46,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 from diffrig.data.crop import CROP_SIZE, crop_transform
+from diffrig.data.png import encode_png
 from diffrig.data.synthetic import appearance
 from diffrig.data.synthetic.appearance import HeadAtlas
 from diffrig.data.synthetic.priors import (
@@ -71,7 +76,10 @@ WORLD_FORMAT = "diffrig.synthetic.world/1"
 WORLD_FOLDER = "world"  # DIR/world/world.json, DIR/world/identities.json
 MIN_SIZE, MAX_SIZE = 64, 256
 PIXEL_SLACK = 0.01  # pixels of tolerance when discarding faces that cover no pixel centre
-IDENTITY_CACHE = 32  # identities whose UV maps stay in memory (2 MB each at 256² UV)
+COVER_MARGIN = 1e-3  # squared pixels: a pixel centre this close to a face's edge may be inside it
+IDENTITY_CACHE = 32  # identities whose UV maps stay in memory (0.8 MB each at 256² UV)
+UV_TEXELS_PER_PIXEL = 2  # UV map side per photo side (at most the rig's UV size)
+MAX_DEFAULT_WORKERS = 8  # write_folder's default worker processes, at most (each holds a batch's tensors)
 
 # 68-point landmark indices of the FFHQ alignment rule
 RIGHT_EYE, LEFT_EYE, MOUTH_LEFT, MOUTH_RIGHT = slice(36, 42), slice(42, 48), 48, 54
@@ -161,8 +169,10 @@ class SyntheticWorld:
             rig = _load_rig(deca_dir)
         self.flame = rig.flame.to(self.device)
         self.renderer = rig.renderer.to(self.device)
-        self.albedo = UVAlbedo(rig.albedo_space)
-        atlas = appearance.build_atlas(self.flame, self.renderer.face_uvcoords, rig.albedo_space.uv_size)
+        # UV maps only as fine as the photos sample them: about two texels per pixel across the face
+        uv_size = min(rig.albedo_space.uv_size, UV_TEXELS_PER_PIXEL * self.size)
+        self.albedo = UVAlbedo(rig.albedo_space, uv_size)
+        atlas = appearance.build_atlas(self.flame, self.renderer.face_uvcoords, uv_size)
         self.atlas: HeadAtlas = atlas
         self._head_coordinates = atlas.coordinates[None].to(self.device)
         self._anchors = atlas.anchors.to(self.device)
@@ -170,6 +180,7 @@ class SyntheticWorld:
         self._chin = atlas.chin.to(self.device).view(1, 1, 3)
         self._maps: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._posed: tuple[RigCodes, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._corner_cache: tuple[tuple[int, int], torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------- people and photos
 
@@ -268,9 +279,15 @@ class SyntheticWorld:
         surface = self._rasterize(vertices, to_image(vertices))
         helpers = to_image(torch.cat([self._helper_weights @ vertices[:, self._anchors], self._chin + shift], 1))
         head = _sample(self._head_coordinates, surface.uv)
-        albedo = torch.zeros(batch, 3, self.size, self.size, device=self.device)
-        for key, photos in self._albedo_groups(people).items():
-            albedo[photos] = _sample(self._maps[key][None], surface.uv[photos])
+        groups = self._albedo_groups(people)
+        if len(groups) == 1:
+            albedo = _sample(self._maps[next(iter(groups))][None], surface.uv)
+        else:
+            which = torch.empty(batch, dtype=torch.long)
+            for slot, photos in enumerate(groups.values()):
+                which[photos] = slot
+            maps = torch.stack([self._maps[key] for key in groups]).index_select(0, which.to(self.device))
+            albedo = F.grid_sample(maps, surface.uv, mode="bilinear", padding_mode="zeros", align_corners=False)
 
         hairs = [p.hair for p in people]
         hair_colour, scalp_cover = appearance.scalp_hair(hairs, head)
@@ -303,35 +320,68 @@ class SyntheticWorld:
                 return posed
         return self.flame(codes.shape, codes.exp, codes.pose)[:2]
 
+    def _corner_ids(self, batch: int, num_vertices: int) -> torch.Tensor:
+        """Vertex ids (3 corners, B*F) of the faces of ``batch`` meshes in their flattened (B*V,)
+        vertices (cached: the same for every batch of a size)."""
+        if self._corner_cache is None or self._corner_cache[0] != (batch, num_vertices):
+            offset = torch.arange(batch, device=self.device)[None, :, None] * num_vertices
+            self._corner_cache = (batch, num_vertices), (self.renderer.faces.t()[:, None, :] + offset).reshape(3, -1)
+        return self._corner_cache[1]
+
     def _rasterize(self, vertices: torch.Tensor, screen: torch.Tensor) -> _Surface:
         """Rasterize the posed meshes (B, V, 3) at their image-frame positions ``screen``.
 
         As the rig's renderer (same rasterizer, DECA's depth offset, interpolated world normals and
-        UVs), but only faces turned towards the camera and spanning a pixel centre are rasterized:
-        on a closed mesh the visible surface is the same, at a fraction of the cost. (Gathers use
-        ``index_select``, much faster on CPU than advanced indexing.)
+        UVs), but only faces turned towards the camera that may cover a pixel centre are
+        rasterized: on a closed mesh the visible surface is the same, at a fraction of the cost.
+        A face is dropped when its bounding box holds no pixel centre or, for boxes of up to 2 x 2
+        centres (most at small sizes), when every centre lies clearly outside it (by
+        :data:`COVER_MARGIN`, far above rounding). (Gathers use ``index_select``, much faster on
+        CPU than advanced indexing.)
         """
         faces = self.renderer.faces
         batch, num_faces = vertices.shape[0], faces.shape[0]
         pixels = (screen[:, :, :2] + 1) * (self.size / 2) - 0.5  # pixel-centre units
         # coordinates as contiguous (B*V,) rows and corner ids as (3, B*F) rows: dense elementwise work
         by_coord = pixels.reshape(-1, 2).t().contiguous()
-        offset = torch.arange(batch, device=self.device)[None, :, None] * vertices.shape[1]
-        corner_ids = (faces.t().contiguous()[:, None, :] + offset).view(3, -1)
-        (ax, bx, cx), (ay, by, cy) = ([coord.index_select(0, ids) for ids in corner_ids] for coord in by_coord)
+        corner_ids = self._corner_ids(batch, vertices.shape[1])
+        corners = [[coord.index_select(0, ids) for ids in corner_ids] for coord in by_coord]
+        (ax, bx, cx), (ay, by, cy) = corners
         # the screen's y points down: a face turned towards the camera runs clockwise there
         keep = (bx - ax) * (cy - ay) - (by - ay) * (cx - ax) < 0
         # faces whose bounding box holds no pixel centre cover nothing: many of them at small sizes
-        for a, b, c in ((ax, bx, cx), (ay, by, cy)):
+        first_centre, centres = [], []
+        for a, b, c in corners:
             low, high = torch.minimum(torch.minimum(a, b), c), torch.maximum(torch.maximum(a, b), c)
-            keep &= (torch.ceil(low - PIXEL_SLACK) <= torch.floor(high + PIXEL_SLACK)) & (high > -1) & (low < self.size)
-        keep = keep.view(batch, num_faces)
-        count = keep.sum(1)
+            first, last = torch.ceil(low - PIXEL_SLACK), torch.floor(high + PIXEL_SLACK)
+            keep &= (first <= last) & (high > -1) & (low < self.size)
+            first_centre.append(first)
+            centres.append(last - first)  # pixel centres in the box along this axis, less one
+        candidate = keep.nonzero().squeeze(1)  # flat (mesh, face)
+        # of the faces whose box holds at most 2 x 2 pixel centres (most, at small sizes), those
+        # that clearly leave all of them outside cover nothing either
+        ax, bx, cx, ay, by, cy, px, py, extra_x, extra_y = (
+            t.index_select(0, candidate) for t in (ax, bx, cx, ay, by, cy, *first_centre, *centres))
+        small = (extra_x <= 1) & (extra_y <= 1)
+        inside = [small.clone() for _ in range(4)]  # centres (px, py), (px + 1, py), (px, py + 1), (px + 1, py + 1)
+        for ux, uy, vx, vy in ((ax, ay, bx, by), (bx, by, cx, cy), (cx, cy, ax, ay)):
+            # edge function of (u -> v) at the first centre and its steps: <= 0 on the face's side
+            edge, step_x, step_y = (vx - ux) * (py - uy) - (vy - uy) * (px - ux), uy - vy, vx - ux
+            inside[0] &= edge <= COVER_MARGIN
+            inside[1] &= edge + step_x <= COVER_MARGIN
+            inside[2] &= edge + step_y <= COVER_MARGIN
+            inside[3] &= edge + step_x + step_y <= COVER_MARGIN
+        covers = inside[0] | (inside[1] & (extra_x > 0)) | (inside[2] & (extra_y > 0)) | (
+            inside[3] & (extra_x > 0) & (extra_y > 0))
+        candidate = candidate[covers | ~small]
         # the kept faces of each mesh first, in mesh order (the rest of a row is padding)
+        mesh, face_of = candidate // num_faces, candidate % num_faces
+        count = torch.bincount(mesh, minlength=batch)
         row_length = max(int(count.max()), 1)
-        slot = (torch.arange(batch, device=self.device)[:, None] * row_length + torch.cumsum(keep, 1) - 1)[keep]
+        start = torch.cumsum(count, 0) - count
+        slot = mesh * row_length + torch.arange(candidate.numel(), device=self.device) - start.index_select(0, mesh)
         order = torch.zeros(batch * row_length, dtype=torch.long, device=self.device)
-        order = order.index_copy(0, slot, keep.nonzero()[:, 1]).view(batch, row_length)
+        order = order.index_copy(0, slot, face_of).view(batch, row_length)
         kept = faces.index_select(0, order.reshape(-1)).view(batch, -1, 3)
         kept = kept * (torch.arange(order.shape[1], device=self.device) < count[:, None])[..., None]
         fragments = rasterize(screen + screen.new_tensor([0.0, 0.0, DEPTH_OFFSET]), kept, self.size, self.size)
@@ -340,13 +390,19 @@ class SyntheticWorld:
         pixel = covered.view(-1).nonzero().squeeze(1)  # interpolate where a face is, only
         face = order.reshape(-1).index_select(
             0, fragments.pix_to_face.view(-1).index_select(0, pixel) + pixel // self.size**2 * order.shape[1])
-        bary = fragments.bary_coords.view(-1, 3).index_select(0, pixel)[:, None]  # (N, 1, 3)
+        bary = fragments.bary_coords.view(-1, 3).index_select(0, pixel)  # (N, 3)
         normals = vertex_normals(vertices, faces).view(-1, 3)
         corner_vertices = faces.index_select(0, face) + (pixel // self.size**2 * vertices.shape[1])[:, None]
-        normal = torch.zeros(covered.numel(), 3, device=self.device)
-        normal[pixel] = (bary @ normals.index_select(0, corner_vertices.view(-1)).view(-1, 3, 3))[:, 0]
-        uv = torch.zeros(covered.numel(), 2, device=self.device)
-        uv[pixel] = (bary @ self.renderer.face_uvcoords.index_select(0, face))[:, 0]
+
+        def interpolate(corners: torch.Tensor) -> torch.Tensor:  # (N, 3 corners, D) -> (N, D)
+            values = bary[:, 0:1] * corners[:, 0]
+            values = torch.addcmul(values, bary[:, 1:2], corners[:, 1])
+            return torch.addcmul(values, bary[:, 2:3], corners[:, 2])
+
+        normal = torch.zeros(covered.numel(), 3, device=self.device).index_copy_(
+            0, pixel, interpolate(normals.index_select(0, corner_vertices.view(-1)).view(-1, 3, 3)))
+        uv = torch.zeros(covered.numel(), 2, device=self.device).index_copy_(
+            0, pixel, interpolate(self.renderer.face_uvcoords.index_select(0, face)))
         shape = (batch, self.size, self.size)
         return _Surface(alpha=covered[:, None].float(), normal=normal.view(*shape, 3).permute(0, 3, 1, 2),
                         uv=uv.view(*shape, 2))
@@ -362,9 +418,10 @@ class SyntheticWorld:
             if key not in self._maps:
                 todo[key] = person
         if todo:
-            albedo = self.albedo(torch.stack([p.tex for p in todo.values()]).to(self.device))
-            for (key, person), albedo_map in zip(todo.items(), albedo):
-                self._maps[key] = appearance.add_skin_detail(albedo_map, self.atlas, person.skin, person.skin_seed)
+            people = list(todo.values())
+            albedo = self.albedo(torch.stack([p.tex for p in people]).to(self.device))
+            appearance.add_skin_detail(albedo, self.atlas, [p.skin for p in people], [p.skin_seed for p in people])
+            self._maps.update(zip(todo, albedo))
         for key in groups:
             self._maps.move_to_end(key)
         while len(self._maps) > max(IDENTITY_CACHE, len(groups)):
@@ -386,18 +443,23 @@ class SyntheticWorld:
 
     def write_folder(self, output_dir: str | PathLike, identities: int | Iterable[int], per_identity: int,
                      first_image: int = 0, batch_size: int = 64, progress: bool = False,
-                     workers: int = 1) -> list[Path]:
+                     workers: int | None = None) -> list[Path]:
         """Write photos ``first_image .. first_image + per_identity - 1`` of each identity (a count
         from 0, or indices) into a flat folder with sidecars (see :mod:`diffrig.data.synthetic`).
         Returns the PNG paths, in order.
 
-        workers: processes rendering batches side by side on the CPU (each single-threaded, each
-        loading the rig from ``deca_dir``, a few seconds): the fastest way to use several cores
-        for large folders. The batches, hence the bytes written, are the same for any number of
-        workers. As with any ``multiprocessing`` start, a script calling this must guard its
-        main code with ``if __name__ == "__main__":``.
+        workers: processes rendering batches side by side on the CPU, each single-threaded
+        (default: one per core this process may use, at most :data:`MAX_DEFAULT_WORKERS`; 1
+        renders here, with this process's threads). One process per core is the fastest way to use a CPU: a batch is many small
+        tensor operations, which threads barely speed up. On Linux the workers are forked from
+        this process (they start at once and share its world); elsewhere they are spawned and
+        each loads the rig from ``deca_dir`` (a few seconds), so a script calling this must guard
+        its main code with ``if __name__ == "__main__":``. Folders of one batch, and worlds on a
+        GPU, are rendered here. The batches, hence the bytes written, are the same for any
+        number of workers.
         """
         identities = list(range(identities)) if isinstance(identities, int) else [int(i) for i in identities]
+        workers = _default_workers() if workers is None else workers
         if not identities or per_identity < 1 or first_image < 0 or batch_size < 1 or workers < 1:
             raise DataError("nothing to write: give at least one identity and one image per identity, a first "
                             "image index of 0 or more, and a batch size and worker count of at least 1")
@@ -410,31 +472,38 @@ class SyntheticWorld:
                             "write this one to another folder")
         world_file.write_text(json.dumps(description, indent=2) + "\n")
         described = output / WORLD_FOLDER / "identities.json"
-        catalogue = json.loads(described.read_text()) if described.is_file() else {}
+        # identity key -> its JSON text (encoded where it is rendered: in the workers)
+        catalogue = {key: json.dumps(value, sort_keys=True)
+                     for key, value in (json.loads(described.read_text()) if described.is_file() else {}).items()}
         jobs = [(i, k) for i in identities for k in range(first_image, first_image + per_identity)]
         batches = [jobs[start:start + batch_size] for start in range(0, len(jobs), batch_size)]
         with tqdm(total=len(jobs), desc="portraits", unit="img", disable=not progress) as bar:
             if workers > 1 and len(batches) > 1 and self.device.type == "cpu":
-                context = multiprocessing.get_context("spawn")
+                forking = sys.platform.startswith("linux")  # fork is unsafe with macOS system libraries
+                context = multiprocessing.get_context("fork" if forking else "spawn")
                 with context.Pool(min(workers, len(batches)), initializer=_start_worker,
-                                  initargs=(self.deca_dir, self.size, self.seed)) as pool:
+                                  initargs=(self,) if forking else (self.deca_dir, self.size, self.seed)) as pool:
                     for count, described_here in pool.imap_unordered(partial(_worker_writes, output), batches):
                         catalogue.update(described_here)
                         bar.update(count)
             else:
                 catalogue.update(self._write_batches(output, batches, bar))
-        described.write_text(json.dumps(catalogue, sort_keys=True) + "\n")
+        # what json.dumps(catalogue, sort_keys=True) writes, from the encoded entries
+        entries = (f"{json.dumps(key)}: {catalogue[key]}" for key in sorted(catalogue))
+        described.write_text("{" + ", ".join(entries) + "}\n")
         return [output / f"{i:05d}_{k:04d}.png" for i, k in jobs]
 
-    def _write_batches(self, output: Path, batches: list[list[tuple[int, int]]], bar=None) -> dict[str, dict]:
-        """Render and write batches of (identity, image) jobs; returns the identities' descriptions.
+    def _write_batches(self, output: Path, batches: list[list[tuple[int, int]]], bar=None) -> dict[str, str]:
+        """Render and write batches of (identity, image) jobs; returns the identities' descriptions
+        (JSON text by identity key).
         PNG and sidecar writing (zlib and file I/O) overlaps the next batch's rendering."""
-        catalogue: dict[str, dict] = {}
+        catalogue: dict[str, str] = {}
         pending: deque[Future] = deque()
         with ThreadPoolExecutor(max_workers=1) as writer:
             for batch in batches:
                 people = {i: self.identity(i) for i, _ in batch}
-                catalogue.update({f"{i:05d}": person.to_dict() for i, person in people.items()})
+                catalogue.update({f"{i:05d}": json.dumps(person.to_dict(), sort_keys=True)
+                                  for i, person in people.items()})
                 portraits = self.sample([people[i] for i, _ in batch], [k for _, k in batch])
                 photos = self.render([people[i] for i, _ in batch], portraits.codes, portraits.tform,
                                      portraits.nuisance_seed)
@@ -457,22 +526,53 @@ def _map_key(identity: Identity) -> tuple:
 
 
 _WORKER_WORLD: SyntheticWorld | None = None
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
-def _start_worker(deca_dir: str, size: int, seed: int) -> None:
+def _default_workers() -> int:
+    """One worker per CPU core this process may use (its affinity and, in a container, its cgroup
+    CPU quota), at most :data:`MAX_DEFAULT_WORKERS`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, int(quota) // int(period))
+    except (OSError, ValueError):
+        pass
+    return max(1, min(cores, MAX_DEFAULT_WORKERS))
+
+
+def _start_worker(world: SyntheticWorld | str, size: int | None = None, seed: int | None = None) -> None:
+    """Set up a worker process: the forked parent's world, or a new one from ``deca_dir``."""
     global _WORKER_WORLD
     torch.set_num_threads(1)
-    _WORKER_WORLD = SyntheticWorld(deca_dir, size=size, seed=seed)
+    _retain_freed_memory()
+    _WORKER_WORLD = world if isinstance(world, SyntheticWorld) else SyntheticWorld(world, size=size, seed=seed)
 
 
-def _worker_writes(output: Path, batch: list[tuple[int, int]]) -> tuple[int, dict[str, dict]]:
+def _retain_freed_memory() -> None:
+    """Have glibc's malloc keep freed blocks instead of returning them to the system: rendering
+    allocates and frees megabytes per step, and fresh pages cost page faults (~20% of a
+    worker's time). Only in the worker processes this module starts; other C libraries: no-op."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+
+
+def _worker_writes(output: Path, batch: list[tuple[int, int]]) -> tuple[int, dict[str, str]]:
     return len(batch), _WORKER_WORLD._write_batches(output, [batch])
 
 
 def _write_portraits(paths: list[Path], pixels: np.ndarray, truths: list[PortraitTruth]) -> None:
     """PNGs (B, S, S, 3) uint8 and their sidecars."""
     for path, image, truth in zip(paths, pixels, truths):
-        Image.fromarray(np.ascontiguousarray(image)).save(path, compress_level=1)
+        path.write_bytes(encode_png(image))
         write_sidecar(sidecar_path(path), truth)
 
 
@@ -496,11 +596,12 @@ def _sample(maps: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
 
 
 class UVAlbedo:
-    """``AlbedoSpace(tex)`` (B, 3, U, U), computed at only the texels its nearest-neighbour resize
-    keeps (a quarter of DECA's 512² map for a 256² UV map): same values, a fraction of the work."""
+    """``AlbedoSpace(tex)`` (B, 3, U, U) nearest-neighbour resized to ``size`` (default: the
+    space's UV size), computed at only the texels the resize keeps (a quarter of DECA's 512² map
+    for a 256² UV map): same values, a fraction of the work."""
 
-    def __init__(self, space):
-        side, size = space.texture_side, space.uv_size
+    def __init__(self, space, size: int | None = None):
+        side, size = space.texture_side, space.uv_size if size is None else int(size)
         index = torch.floor(torch.arange(size, dtype=torch.float64) * (side / size)).long().clamp(max=side - 1)
         bgr_to_rgb = torch.tensor([2, 1, 0])  # the spaces store B, G, R pixel by pixel
         keep = ((index[:, None] * side + index[None, :])[None] * 3 + bgr_to_rgb[:, None, None]).reshape(-1)
