@@ -86,6 +86,7 @@ def main() -> int:
     parser.add_argument("--model_path", help="a diffrig model folder or official .pt (default: random 256² model)")
     parser.add_argument("--official_repo", type=Path, help="a checkout of adobe-research/diffusion-rig")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--variants", nargs="+", help="time only these (default: all; see above)")
     parser.add_argument("--official_batch_sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--timestep_respacing", default="ddim20")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile + bf16 + CUDA graph")
@@ -132,6 +133,8 @@ def main() -> int:
                 ("bf16-graph", torch.bfloat16, True, False)]
     if args.compile:
         variants.append(("bf16-graph-compile", torch.bfloat16, True, True))
+    if args.variants:
+        variants = [v for v in variants if v[0] in args.variants]
     eager_fp32 = {}
     for name, dtype, graphs, compiled in variants:
         pipeline.denoiser, pipeline._fast = pipeline.model, None
