@@ -138,7 +138,7 @@ def make_data(out: Path, settings: DemoSettings, device: str, progress: bool) ->
     return paths
 
 
-def train_stage(stage: int, data: Path, output: Path, settings: DemoSettings, device: str,
+def train_stage(stage: int, data: Path, output: Path, settings: DemoSettings, device: str, progress: bool,
                 init_from: Path | None = None) -> Path:
     """Train (or reuse a finished) stage; returns the model folder."""
     from diffrig.training import load_config, train
@@ -159,7 +159,7 @@ def train_stage(stage: int, data: Path, output: Path, settings: DemoSettings, de
     if init_from is not None:
         overrides["init_from"] = str(init_from)
     config = load_config(None, overrides)
-    result = train(config)
+    result = train(config, progress=progress)
     if result.model_dir is None:
         raise DiffrigError(f"stage {stage} stopped before the end; run the demo again to continue")
     return result.model_dir
@@ -251,10 +251,10 @@ def run_demo(output_dir: str | Path = "demo_output", preset: str = "cpu", device
     paths = make_data(out, settings, device, progress)
     timings["data"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    stage1 = train_stage(1, paths["stage1"], out / "stage1", settings, device)
+    stage1 = train_stage(1, paths["stage1"], out / "stage1", settings, device, progress)
     timings["stage1"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    stage2 = train_stage(2, paths["album"], out / "stage2", settings, device, init_from=stage1)
+    stage2 = train_stage(2, paths["album"], out / "stage2", settings, device, progress, init_from=stage1)
     timings["stage2"] = time.perf_counter() - clock
     clock = time.perf_counter()
     scored = edit_and_score(out, stage2, paths["album"], settings, device)

@@ -117,8 +117,9 @@ def _flat(config: TrainConfig) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
 
 
-def train(config: TrainConfig) -> TrainingResult:
-    """Run (or continue) training as configured; see the module docstring for what is written."""
+def train(config: TrainConfig, progress: bool = True) -> TrainingResult:
+    """Run (or continue) training as configured; see the module docstring for what is written.
+    ``progress``: a progress bar on the main process."""
     config.validate()
     _check_paths(config)
     accelerator = make_accelerator(config)
@@ -131,13 +132,13 @@ def train(config: TrainConfig) -> TrainingResult:
     model = _initial_model(config, resume_dir)
     dataset = open_training_dataset(config.stage, config.data_dir, model.config.image_size)
     try:
-        return _run(config, accelerator, model, dataset, resume_dir, resumed)
+        return _run(config, accelerator, model, dataset, resume_dir, resumed, progress)
     finally:
         close_dataset(dataset)
         accelerator.end_training()
 
 
-def _run(config, accelerator, model, dataset, resume_dir, resumed) -> TrainingResult:
+def _run(config, accelerator, model, dataset, resume_dir, resumed, show_progress: bool) -> TrainingResult:
     """The loop, once the run's model and data are open."""
     output = Path(config.output_dir)
     checkpoints = output / "checkpoints"
@@ -180,8 +181,8 @@ def _run(config, accelerator, model, dataset, resume_dir, resumed) -> TrainingRe
                                             keep=config.keep_checkpoints)
         return result.checkpoint
 
-    progress = tqdm(total=config.max_steps or None, initial=step, disable=not main, dynamic_ncols=True,
-                    desc=f"stage {config.stage}")
+    progress = tqdm(total=config.max_steps or None, initial=step, disable=not (main and show_progress),
+                    dynamic_ncols=True, desc=f"stage {config.stage}")
     window = {"loss": [], "grad_norm": [], "skipped": 0, "start": time.perf_counter(), "steps": 0}
     pending: list[tuple[int, StepStats]] = []  # steps whose stats are still on the device
     with StopRequest() as stop, progress:
