@@ -84,8 +84,12 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
 
 def _album_batches(dataset: AlbumDataset, batches: ResumableBatches, device, memory_format) -> Iterator[dict]:
     stored = {key: torch.stack([item[key] for item in dataset.items]).to(device) for key in TENSOR_KEYS}
+    pinned = device.type == "cuda"
     for indices in batches:
-        index = torch.tensor(indices, device=device)
+        index = torch.tensor(indices)
+        if pinned:  # a copy from pageable memory would wait for the GPU to finish its queued steps
+            index = index.pin_memory()
+        index = index.to(device, non_blocking=True)
         yield {key: stored[key].index_select(0, index).contiguous(memory_format=memory_format) for key in TENSOR_KEYS}
 
 
