@@ -450,8 +450,8 @@ class SyntheticWorld:
 
         workers: processes rendering batches side by side on the CPU, each single-threaded
         (default: one per core this process may use, at most :data:`MAX_DEFAULT_WORKERS`; 1
-        renders here, with this process's threads). One process per core is the fastest way to use a CPU: a batch is many small
-        tensor operations, which threads barely speed up. On Linux the workers are forked from
+        renders here, with this process's threads). One process per core is the fastest way to
+        use a CPU: a batch is many small tensor operations, which threads barely speed up. On Linux the workers are forked from
         this process (they start at once and share its world); elsewhere they are spawned and
         each loads the rig from ``deca_dir`` (a few seconds), so a script calling this must guard
         its main code with ``if __name__ == "__main__":``. Folders of one batch, and worlds on a
