@@ -190,7 +190,8 @@ class CropInputs(Dataset):
         source_size = image.size
         resized = image if image.size == (size, size) else image.resize((size, size), Image.Resampling.LANCZOS)
         pixels = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-        png = plain_png(path.read_bytes(), size) if image.size == (size, size) else None
+        same_pixels = image.size == (size, size) and path.suffix.lower() == ".png"
+        png = plain_png(path.read_bytes(), size) if same_pixels else None  # a second read, of PNGs only
         codes = None
         if self.codes == "ground_truth":
             codes, tform = ground_truth(path, image, size)
