@@ -310,19 +310,23 @@ def test_sigterm_leaves_a_loadable_checkpoint(dataset_dir, tmp_path):
                "--data_dir", str(dataset_dir), "--output_dir", str(output), "--max_steps", "100000",
                "--checkpoint_every", "2", "--keep_checkpoints", "0", "--batch_size", "2", "--tracker", "none",
                "--sample_every", "0", "--num_workers", "1"]
-    # a cluster signals the whole process group, DataLoader workers included
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    # a cluster signals the whole process group, DataLoader workers included. Output goes to files: a
+    # pipe nobody reads could block the child, and a stuck child must never hang the test run.
+    with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     try:
         deadline = time.time() + 120
         while not list_checkpoints(output / "checkpoints") and time.time() < deadline and process.poll() is None:
             time.sleep(0.2)
-        assert list_checkpoints(output / "checkpoints"), process.communicate()[1][-2000:]
+        assert list_checkpoints(output / "checkpoints"), (tmp_path / "stderr").read_text()[-2000:]
         os.killpg(process.pid, signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=120)
+        process.wait(timeout=120)
     finally:
         if process.poll() is None:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
     assert process.returncode == 0, stderr[-2000:]
     assert "SIGTERM received" in stderr and "stopped at step" in stdout
     latest = resolve_resume(output / "checkpoints", "latest")
