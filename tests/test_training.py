@@ -287,6 +287,34 @@ def test_latest_skips_incomplete_checkpoints_and_old_ones_are_pruned(dataset_dir
         resolve_resume(root, str(root / "checkpoint-000008"))
 
 
+@pytest.mark.parametrize("failing_file", ["optimizer.safetensors", "rng-0.safetensors"])
+def test_a_full_disk_fails_cleanly_and_keeps_the_previous_checkpoint(dataset_dir, tmp_path, monkeypatch, failing_file):
+    from diffrig.training import checkpoint as checkpoint_module
+
+    config = tiny(dataset_dir, tmp_path)
+    accelerator = Accelerator(cpu=True)
+    parts = build_training(config, accelerator, tiny_model())
+    root = tmp_path / "ckpt"
+    save_checkpoint(root, 1, accelerator=accelerator, model=parts.model, optimizer=parts.optimizer,
+                    trainer_state={"consumed": 2}, keep=1)
+    before = {p.name: p.read_bytes() for p in (root / "checkpoint-000001").rglob("*") if p.is_file()}
+    real_save_tree = checkpoint_module.save_tree
+
+    def disk_full(path, tree):
+        if Path(path).name == failing_file:
+            Path(path).write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        real_save_tree(path, tree)
+
+    monkeypatch.setattr(checkpoint_module, "save_tree", disk_full)
+    with pytest.raises(CheckpointError, match=r"step 2 .*No space left on device.*checkpoint-000001, is untouched"):
+        save_checkpoint(root, 2, accelerator=accelerator, model=parts.model, optimizer=parts.optimizer,
+                        trainer_state={"consumed": 4}, keep=1)
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-000001"]  # no partial folder left
+    assert {p.name: p.read_bytes() for p in (root / "checkpoint-000001").rglob("*") if p.is_file()} == before
+    assert resolve_resume(root, "latest").name == "checkpoint-000001"
+
+
 def test_tree_serialization_round_trip_has_no_pickle(tmp_path):
     tree = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3)}},
             "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "params": [0], "fused": None, "x": float("inf")}],

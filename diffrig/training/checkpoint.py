@@ -97,28 +97,40 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(root, step: int, *, accelerator, model, optimizer, ema=None, trainer_state: dict,
                     keep: int = 0) -> Path:
-    """Write a checkpoint of ``step`` under ``root`` (every process calls this), then keep the newest ``keep``."""
+    """Write a checkpoint of ``step`` under ``root`` (every process calls this), then keep the newest ``keep``.
+
+    If any process fails to write (a full disk, say), every process raises :class:`CheckpointError`
+    together, the partial folder is removed and the checkpoints already there are left as they were."""
     root = Path(root)
     final = root / checkpoint_name(step)
     staging = final.with_name(final.name + ".tmp")
     main = accelerator.is_main_process
+
+    def make_staging():
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+
+    def write_parts():
+        save_tree(staging / f"rng-{accelerator.process_index}.safetensors", capture_rng_state(accelerator.device))
+        if main:
+            _write_main_parts(staging, step, accelerator, model, optimizer, ema, trainer_state)
+
+    def sync_to_disk():  # a full disk may only show here, when delayed writes are flushed
+        if main:
+            _fsync_tree(staging)
+
+    for phase in (make_staging, write_parts, sync_to_disk):  # each ends with all processes agreeing
+        failure = _run_on_every_process(accelerator, phase)
+        if failure is not None:
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
+            previous = list_checkpoints(root)
+            kept = (f"the newest complete checkpoint, {previous[-1]}, is untouched" if previous
+                    else "there is no earlier checkpoint")
+            raise CheckpointError(f"could not write the checkpoint of step {step} in {root} ({failure}); "
+                                  f"{kept}. Free disk space, then continue with --resume latest") from None
     if main:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    save_tree(staging / f"rng-{accelerator.process_index}.safetensors", capture_rng_state(accelerator.device))
-    if main:
-        model.save_pretrained(staging / "model", safe_serialization=True)
-        save_tree(staging / "optimizer.safetensors", optimizer.state_dict())
-        if ema is not None:
-            save_tree(staging / "ema.safetensors", ema_state(ema, model))
-        if accelerator.scaler is not None:
-            save_tree(staging / "scaler.safetensors", accelerator.scaler.state_dict())
-        state = {"format": FORMAT, "step": step, "num_processes": accelerator.num_processes, **trainer_state}
-        (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
-    accelerator.wait_for_everyone()
-    if main:
-        _fsync_tree(staging)
         replaced = final.with_name(final.name + ".old")
         if final.exists():  # an older run's checkpoint of this step (resumed from an earlier one)
             shutil.rmtree(replaced, ignore_errors=True)
@@ -129,6 +141,34 @@ def save_checkpoint(root, step: int, *, accelerator, model, optimizer, ema=None,
         prune_checkpoints(root, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def _run_on_every_process(accelerator, phase) -> str | None:
+    """Run ``phase`` here; return None if it succeeded on every process, else what went wrong
+    (every process returns together, so none is left waiting at a barrier)."""
+    try:
+        phase()
+        failed = None
+    except (OSError, SafetensorError) as error:
+        failed = str(error)
+    if accelerator.num_processes == 1:
+        return failed
+    flag = torch.tensor([float(failed is not None)], device=accelerator.device)
+    if accelerator.reduce(flag, reduction="sum").item() == 0:
+        return None
+    return failed or "it failed on another process"
+
+
+def _write_main_parts(staging: Path, step: int, accelerator, model, optimizer, ema, trainer_state: dict) -> None:
+    """What only the main process writes: weights, optimizer, EMA, scaler, state file."""
+    model.save_pretrained(staging / "model", safe_serialization=True)
+    save_tree(staging / "optimizer.safetensors", optimizer.state_dict())
+    if ema is not None:
+        save_tree(staging / "ema.safetensors", ema_state(ema, model))
+    if accelerator.scaler is not None:
+        save_tree(staging / "scaler.safetensors", accelerator.scaler.state_dict())
+    state = {"format": FORMAT, "step": step, "num_processes": accelerator.num_processes, **trainer_state}
+    (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
 def prune_checkpoints(root: str | os.PathLike, keep: int) -> None:
