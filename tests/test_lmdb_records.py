@@ -114,6 +114,27 @@ def test_resume_after_crash(tmp_path):
     assert [reader[i].name for i in range(len(reader))] == [f"img{i:02d}.png" for i in range(6)]
 
 
+def test_a_full_disk_keeps_what_was_written_and_the_run_resumes(tmp_path, monkeypatch):
+    from diffrig.data import lmdb_store
+
+    path = tmp_path / "ds.lmdb"
+    monkeypatch.setattr(lmdb_store, "MAP_SIZE", 256 * 1024)  # LMDB's own "disk full": the map is full
+    batches = [[(f"img{b}{i}.png", bytes([b]) * 20_000) for i in range(2)] for b in range(20)]
+    with RecordWriter(path, make_meta()) as writer:
+        with pytest.raises(DataError, match=r"is the disk full\? The (\d+) samples written before are kept") as info:
+            for batch in batches:
+                writer.append_encoded(batch)
+        committed = writer.count
+    assert 0 < committed < 40 and committed % 2 == 0 and f"The {committed} samples" in str(info.value)
+    monkeypatch.setattr(lmdb_store, "MAP_SIZE", 1 << 30)
+    with RecordWriter(path, make_meta()) as writer:  # space freed: the same command continues
+        assert writer.count == committed and writer.has(f"img{committed // 2 - 1}1.png")
+        assert not writer.has(f"img{committed // 2}0.png")
+        for batch in batches[committed // 2:]:
+            writer.append_encoded(batch)
+        assert writer.count == 40
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     path = tmp_path / "ds.lmdb"
     write_dataset(path, n=1, finish=False)

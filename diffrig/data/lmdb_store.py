@@ -5,9 +5,10 @@ Keys: ``__meta__`` (JSON, see :class:`DatasetMeta`), ``sample:00000042`` (a reco
 The dataset counts as usable only once the writer has marked it ``complete``.
 """
 
+import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import lmdb
@@ -94,17 +95,42 @@ class RecordWriter:
     def append_encoded(self, records: list[tuple[str, bytes]]) -> None:
         """Writes ``(name, encode_sample bytes)`` records and the new count in one transaction: a
         crash keeps all or none of them."""
-        with self.env.begin(write=True) as txn:
+        count = self.meta.count
+        with self._writing() as txn:
             for name, data in records:
-                txn.put(sample_key(self.meta.count), data)
-                txn.put(_name_key(name), str(self.meta.count).encode())
-                self.meta.count += 1
-            txn.put(META_KEY, self.meta.to_bytes())
+                txn.put(sample_key(count), data)
+                txn.put(_name_key(name), str(count).encode())
+                count += 1
+            txn.put(META_KEY, replace(self.meta, count=count).to_bytes())
+        self.meta.count = count
 
     def finish(self) -> None:
-        self.meta.complete = True
-        self._put_meta()
-        self.env.sync(True)
+        self._put_meta(complete=True)
+        try:
+            self.env.sync(True)
+        except lmdb.Error as error:
+            raise self._write_failed(error) from None
+
+    def _put_meta(self, **changes) -> None:
+        meta = replace(self.meta, **changes)
+        with self._writing() as txn:
+            txn.put(META_KEY, meta.to_bytes())
+        self.meta = meta
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A write transaction whose failure (a full disk, mostly) becomes a :class:`DataError`;
+        LMDB keeps the last committed state, so nothing written before is lost."""
+        try:
+            with self.env.begin(write=True) as txn:
+                yield txn
+        except lmdb.Error as error:
+            raise self._write_failed(error) from None
+
+    def _write_failed(self, error: lmdb.Error) -> DataError:
+        return DataError(f"writing to {self.path} failed ({error}); is the disk full? The {self.meta.count} "
+                         "samples written before are kept: free some space and run the same command again "
+                         "to continue")
 
     def close(self) -> None:
         self.env.close()
@@ -114,10 +140,6 @@ class RecordWriter:
 
     def __exit__(self, *exc):
         self.close()
-
-    def _put_meta(self) -> None:
-        with self.env.begin(write=True) as txn:
-            txn.put(META_KEY, self.meta.to_bytes())
 
 
 class RecordReader:
