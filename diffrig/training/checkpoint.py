@@ -126,10 +126,10 @@ def save_checkpoint(root, step: int, *, accelerator, model, optimizer, ema=None,
             if main:
                 shutil.rmtree(staging, ignore_errors=True)
             previous = list_checkpoints(root)
-            kept = (f"the newest complete checkpoint, {previous[-1]}, is untouched" if previous
-                    else "there is no earlier checkpoint")
-            raise CheckpointError(f"could not write the checkpoint of step {step} in {root} ({failure}); "
-                                  f"{kept}. Free disk space, then continue with --resume latest") from None
+            then = (f"the newest complete checkpoint, {previous[-1]}, is untouched. Free disk space, then "
+                    "continue with --resume latest" if previous else "there is no earlier checkpoint. Free "
+                    "disk space, then start again")
+            raise CheckpointError(f"could not write the checkpoint of step {step} in {root} ({failure}); {then}") from None
     if main:
         replaced = final.with_name(final.name + ".old")
         if final.exists():  # an older run's checkpoint of this step (resumed from an earlier one)
