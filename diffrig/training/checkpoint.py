@@ -129,7 +129,8 @@ def save_checkpoint(root, step: int, *, accelerator, model, optimizer, ema=None,
             then = (f"the newest complete checkpoint, {previous[-1]}, is untouched. Free disk space, then "
                     "continue with --resume latest" if previous else "there is no earlier checkpoint. Free "
                     "disk space, then start again")
-            raise CheckpointError(f"could not write the checkpoint of step {step} in {root} ({failure}); {then}") from None
+            raise CheckpointError(
+                f"could not write the checkpoint of step {step} in {root} ({failure}); {then}") from None
     if main:
         replaced = final.with_name(final.name + ".old")
         if final.exists():  # an older run's checkpoint of this step (resumed from an earlier one)
