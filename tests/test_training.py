@@ -287,6 +287,24 @@ def test_latest_skips_incomplete_checkpoints_and_old_ones_are_pruned(dataset_dir
         resolve_resume(root, str(root / "checkpoint-000008"))
 
 
+def test_a_final_model_that_cannot_be_written_points_to_the_checkpoint(dataset_dir, tmp_path, monkeypatch):
+    real_save = DiffusionRigModel.save_pretrained
+
+    def disk_full_for_the_export(self, directory, **kwargs):
+        if Path(directory).name == "model.tmp":
+            (Path(directory)).mkdir(parents=True)
+            raise OSError(28, "No space left on device")
+        return real_save(self, directory, **kwargs)
+
+    monkeypatch.setattr(DiffusionRigModel, "save_pretrained", disk_full_for_the_export)
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointError, match=r"No space left.*weights are in .*checkpoint-000003.model"):
+        train(tiny(dataset_dir, run, max_steps=3))
+    assert not (run / "model").exists() and not (run / "model.tmp").exists()
+    monkeypatch.undo()
+    assert DiffusionRigModel.from_pretrained(run / "checkpoints" / "checkpoint-000003" / "model").config.image_size == SIZE
+
+
 @pytest.mark.parametrize("failing_file", ["optimizer.safetensors", "rng-0.safetensors"])
 def test_a_full_disk_fails_cleanly_and_keeps_the_previous_checkpoint(dataset_dir, tmp_path, monkeypatch, failing_file):
     from diffrig.training import checkpoint as checkpoint_module

@@ -121,7 +121,7 @@ def save_checkpoint(root, step: int, *, accelerator, model, optimizer, ema=None,
             _fsync_tree(staging)
 
     for phase in (make_staging, write_parts, sync_to_disk):  # each ends with all processes agreeing
-        failure = _run_on_every_process(accelerator, phase)
+        failure = run_on_every_process(accelerator, phase)
         if failure is not None:
             if main:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -144,7 +144,7 @@ def save_checkpoint(root, step: int, *, accelerator, model, optimizer, ema=None,
     return final
 
 
-def _run_on_every_process(accelerator, phase) -> str | None:
+def run_on_every_process(accelerator, phase) -> str | None:
     """Run ``phase`` here; return None if it succeeded on every process, else what went wrong
     (every process returns together, so none is left waiting at a barrier)."""
     try:

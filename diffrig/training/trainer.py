@@ -30,10 +30,11 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from diffrig.diffusion import seeded_noise
-from diffrig.errors import DiffrigError
+from diffrig.errors import CheckpointError, DiffrigError
 from diffrig.models import DiffusionRigModel
 from diffrig.training.checkpoint import (
     checkpoint_name,
+    run_on_every_process,
     load_checkpoint,
     read_trainer_state,
     resolve_resume,
@@ -102,7 +103,11 @@ def _export(model, directory: Path) -> Path:
     """``save_pretrained`` into ``directory`` atomically (staged, then renamed over any older one)."""
     staging, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(directory, old)
@@ -245,13 +250,20 @@ def _run(config, accelerator, model, dataset, resume_dir, resumed, show_progress
     if not result.interrupted:
         if result.checkpoint is None or result.checkpoint.name != checkpoint_name(step):
             save()
+
+        def export_models():
+            if main:
+                _export(model, output / "model")
+                if parts.ema is not None:
+                    with ema_weights(parts.ema, model):
+                        _export(model, output / "model_ema")
+
+        failure = run_on_every_process(accelerator, export_models)
+        if failure is not None:
+            raise CheckpointError(f"could not write the trained model to {output} ({failure}); the same "
+                                  f"weights are in {result.checkpoint / 'model'}")
         if main:
-            result.model_dir = _export(model, output / "model")
-            if parts.ema is not None:
-                with ema_weights(parts.ema, model):
-                    _export(model, output / "model_ema")
-            logger.info("training finished at step %d; model written to %s", step, result.model_dir)
-        accelerator.wait_for_everyone()
+            logger.info("training finished at step %d; model written to %s", step, output / "model")
         result.model_dir = output / "model"
     return result
 
