@@ -168,9 +168,15 @@ def test_pickled_code_is_never_run(tmp_path):
             return (Path.touch, (tmp_path / "pwned",))
 
     torch.save({"denoisingUNet.x": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="cannot read .*evil.pt.*names the global") as info:
         load_official_checkpoint(tmp_path / "evil.pt", **ARCH)
     assert not (tmp_path / "pwned").exists()
+    # torch's own message advises weights_only=False, which would run the payload: never passed on
+    assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
+    (tmp_path / "config.json").write_text('{"image_size": 32}')
+    with pytest.raises(CheckpointError, match="cannot read .*config.json") as info:
+        load_official_checkpoint(tmp_path / "config.json", **ARCH)
+    assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
 
 
 def test_cli_converts_with_official_and_dash_flags(tmp_path, capsys):

@@ -482,7 +482,7 @@ def read_deca_checkpoint(path: PathArg) -> dict[str, dict[str, Any]]:
                     "refuses and diffrig does not load. The file may have been tampered with; replace it "
                     "with DECA's original deca_model.tar."
                 ) from error
-            raise ValueError(f"torch.load cannot read it: {_torch_load_reason(error)}") from error
+            raise ValueError(f"torch.load cannot read it: {torch_load_reason(error)}") from error
         if not isinstance(content, Mapping):
             raise ValueError(f"holds a {type(content).__name__}, not a dict of state dicts")
         parts = {
@@ -494,12 +494,20 @@ def read_deca_checkpoint(path: PathArg) -> dict[str, dict[str, Any]]:
         return parts
 
 
-def _torch_load_reason(error: Exception) -> str:
-    """torch's error without its generic advice (which suggests ``weights_only=False``)."""
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [line.strip() for line in str(error).splitlines()]
-    detail = [line for line in lines if line and not line.startswith(boilerplate)]
-    return "; ".join(detail)[:300] or f"{type(error).__name__}"
+def torch_load_reason(error: Exception) -> str:
+    """What made ``torch.load(weights_only=True)`` fail, in one line, without torch's advice to load
+    the file with ``weights_only=False`` (which would run whatever code it holds)."""
+    text = str(error)
+    unsafe = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", text, re.IGNORECASE)
+    if unsafe:
+        return f"it names the global '{unsafe.group(1)}', which weights-only loading refuses (not plain tensors)"
+    marker = text.find("WeightsUnpickler error:")
+    if marker >= 0:  # torch's own reason follows its generic advice
+        text = text[marker + len("WeightsUnpickler error:"):]
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+    lines = [line.strip() for line in text.splitlines()]
+    detail = [line for line in lines if line and not line.startswith(boilerplate) and "weights_only" not in line]
+    return f"{type(error).__name__}: " + ("; ".join(detail)[:300] or "no details")
 
 
 def write_deca_checkpoint(path: PathArg, parts: Mapping[str, Mapping[str, Any]]) -> None:

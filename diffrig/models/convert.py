@@ -236,8 +236,9 @@ def read_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or unsafe files
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"cannot read {path} as a PyTorch weights file: {first_line}") from error
+        from diffrig.deca.formats import torch_load_reason
+
+        raise CheckpointError(f"cannot read {path} as a PyTorch weights file: {torch_load_reason(error)}") from error
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(f"{path} holds a {type(state_dict).__name__}, not a state dict of tensors")
     return dict(state_dict)
