@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from diffrig.cliargs import check_device
 from diffrig.errors import DiffrigError
 
 logger = logging.getLogger(__name__)
@@ -306,10 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     for noisy in ("accelerate", "diffusers", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    preset = "quick" if args.quick else args.preset or ("cuda" if device.startswith("cuda") else "cpu")
-    overrides = {} if args.seed is None else {"seed": args.seed}
     try:
+        device = check_device(args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
+        preset = "quick" if args.quick else args.preset or ("cuda" if device.startswith("cuda") else "cpu")
+        overrides = {} if args.seed is None else {"seed": args.seed}
         report = run_demo(args.output_dir, preset=preset, device=device, fresh=args.fresh,
                           progress=not args.quiet, **overrides)
     except DiffrigError as error:

@@ -55,7 +55,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from diffrig.cliargs import str2bool
+from diffrig.cliargs import check_device, str2bool
 from diffrig.data.align import MIN_FACE, write_rejected
 from diffrig.data.crop import CROP_SIZE, crop_images, crop_transform, resize_matrix, resize_transform
 from diffrig.data.images import ImageRejected, load_rgb
@@ -556,8 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         with logging_redirect_tqdm():
             summary = create_dataset(args.data_dir, args.output_dir, image_size=args.image_size,
                                      use_meanshape=args.use_meanshape, deca_dir=args.deca_dir, codes=args.codes,
-                                     batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
-                                     progress=not args.quiet)
+                                     batch_size=args.batch_size, device=check_device(args.device),
+                                     num_workers=args.num_workers, progress=not args.quiet)
     except DiffrigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from diffrig.cliargs import check_device
 from diffrig.errors import DiffrigError
 
 
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                             "--first_image at least 0")
         if args.batch_size < 1 or (args.workers is not None and args.workers < 1):
             raise DataError("--batch_size and --workers must be at least 1")
-        world = SyntheticWorld(args.deca_dir, size=args.size, seed=args.seed, device=args.device)
+        world = SyntheticWorld(args.deca_dir, size=args.size, seed=args.seed,
+                               device=check_device(args.device))
         identities = range(args.first_identity, args.first_identity + args.identities)
         written = world.write_folder(args.output_dir, identities, args.per_identity, first_image=args.first_image,
                                      batch_size=args.batch_size, progress=not args.quiet, workers=args.workers)
