@@ -209,7 +209,7 @@ def sample(model, buffers, latent, noise, num_inference_steps: int = 20, schedul
     timesteps = _ddim_timesteps(schedule, num_inference_steps, timestep_respacing)
     x = noise
     previous = [-1] + timesteps[:-1]
-    for t, t_prev in tqdm(list(zip(timesteps, previous))[::-1], disable=not progress, desc="DDIM"):
+    for t, t_prev in tqdm(list(zip(timesteps, previous))[::-1], disable=not progress, desc="DDIM", leave=False):
         eps = _eps(model, x, torch.tensor([t], device=x.device), buffers, latent)
         x, _ = ddim_step(x, eps, schedule.alpha_bar(t), schedule.alpha_bar(t_prev), clip_sample)
     return x
@@ -232,7 +232,7 @@ def ddim_invert(model, image, buffers, latent, num_inference_steps: int = 20,
     timesteps = _ddim_timesteps(schedule, num_inference_steps, timestep_respacing)
     x = image
     previous = [-1] + timesteps[:-1]
-    for t_prev, t in tqdm(list(zip(previous, timesteps)), disable=not progress, desc="DDIM inversion"):
+    for t_prev, t in tqdm(list(zip(previous, timesteps)), disable=not progress, desc="DDIM inversion", leave=False):
         eps = _eps(model, x, torch.tensor([t], device=x.device), buffers, latent)
         x, _ = ddim_step(x, eps, schedule.alpha_bar(t_prev), schedule.alpha_bar(t), clip_sample)
     return x
@@ -259,7 +259,7 @@ def _sample_diffusers(model, buffers, latent, noise, num_inference_steps, schedu
     step_accepts_generator = "generator" in inspect.signature(scheduler.step).parameters
     extra = {"generator": generator} if step_accepts_generator else {}
     x = noise * scheduler.init_noise_sigma
-    for t in tqdm(scheduler.timesteps, disable=not progress, desc=type(scheduler).__name__):
+    for t in tqdm(scheduler.timesteps, disable=not progress, desc=type(scheduler).__name__, leave=False):
         eps = _eps(model, scheduler.scale_model_input(x, t), t.reshape(1), buffers, latent)
         x = scheduler.step(eps.to(x.dtype), t, x, **extra).prev_sample
     return x

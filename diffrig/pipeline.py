@@ -122,6 +122,9 @@ def read_meanshape(path: str | Path) -> torch.Tensor:
             value = tensors[key]
         elif suffix == ".npy":
             value = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif suffix not in (".pkl", ".pickle", ".pt", ".pth"):
+            raise DataError(f"{path} is not a mean shape file: give create_data's mean_shape.safetensors, "
+                            "a .npy, or the official mean_shape.pkl")
         else:
             from diffrig.deca.safe_pickle import LANDMARK_GLOBALS, restricted_load
 
@@ -362,13 +365,15 @@ class RigEditPipeline:
 
     @torch.no_grad()
     def invert(self, images: torch.Tensor, buffers: torch.Tensor, latent: torch.Tensor,
-               num_inference_steps: int = 20, timestep_respacing: str | None = None) -> torch.Tensor:
+               num_inference_steps: int = 20, timestep_respacing: str | None = None,
+               progress: bool = False) -> torch.Tensor:
         """DDIM inversion of images (B, 3, S, S) in [0, 1] under their buffers -> x_T (B, 3, S, S)."""
         if self._graphs_on(images.to(self.device)):
             return self._graphed(ddim_invert_loop, images.to(self.device) * 2 - 1, buffers.to(self.device),
                                  latent.to(self.device), self._steps(num_inference_steps, timestep_respacing))
         return diffusion.ddim_invert(self.denoiser, images.to(self.device) * 2 - 1, buffers.to(self.device),
-                                     latent.to(self.device), num_inference_steps, self.schedule, timestep_respacing)
+                                     latent.to(self.device), num_inference_steps, self.schedule, timestep_respacing,
+                                     progress=progress)
 
     @torch.no_grad()
     def edit(self, sources: Portraits, target: Portraits | None = None, modes: str | Sequence[str] = (),
@@ -394,7 +399,8 @@ class RigEditPipeline:
         latent = self.encode_latent(sources.images)
         if invert:
             own_buffers, _ = self.render(self.with_meanshape(sources.codes), tforms, centre)
-            start = self.invert(sources.images, own_buffers, latent, num_inference_steps, timestep_respacing)
+            start = self.invert(sources.images, own_buffers, latent, num_inference_steps, timestep_respacing,
+                                progress=progress)
         else:
             start = self.noise(batch, seed)
 
@@ -595,8 +601,12 @@ class InferenceSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
-        text = f"wrote {len(self.edits)} edits and {len(self.grids)} grid(s)"
-        return text + (f"; skipped {len(self.failures)} source(s)" if self.failures else "")
+        text = f"wrote {_count(len(self.edits), 'edit')} and {_count(len(self.grids), 'grid')}"
+        return text + (f"; skipped {_count(len(self.failures), 'source')}" if self.failures else "")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
 
 
 def list_photos(source: str | Path) -> list[Path]:
@@ -627,6 +637,8 @@ def edit_files(pipeline: RigEditPipeline, sources: Sequence[str | Path], output_
     """
     from tqdm.auto import tqdm
 
+    if batch_size < 1:
+        raise DiffrigError(f"batch_size must be at least 1, got {batch_size}")
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     target_portrait = None
@@ -642,7 +654,8 @@ def edit_files(pipeline: RigEditPipeline, sources: Sequence[str | Path], output_
         summary.failures += failed
         if portraits is None:
             continue
-        result = pipeline.edit(portraits, target_portrait, modes, rig, batch_size=batch_size, **sampling)
+        result = pipeline.edit(portraits, target_portrait, modes, rig, batch_size=batch_size, progress=progress,
+                               **sampling)
         for mode, images in result.edits.items():
             for name, image in zip(portraits.names, images):
                 summary.edits.append(save_png(image, output / f"{name}_{mode}.png"))

@@ -17,7 +17,7 @@ import argparse
 import inspect
 import sys
 
-from diffrig.cliargs import str2bool
+from diffrig.cliargs import check_device, str2bool
 from diffrig.errors import DiffrigError
 
 
@@ -80,9 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     rig.add_argument("--yaw", type=float, help="head turn, positive towards the picture's right")
     rig.add_argument("--pitch", type=float, help="head tilt, positive downwards")
     rig.add_argument("--roll", type=float, help="head roll, positive towards the picture's left")
-    rig.add_argument("--light", dest="hand_light",
-                     help=f"a preset ({', '.join(LIGHT_PRESETS)}) or 9 / 27 SH coefficients")
-    rig.add_argument("--exp", "--expression", dest="hand_exp", help="FLAME expression coefficients (up to 50)")
+    rig.add_argument("--light", dest="hand_light", nargs="+",
+                     help=f"a preset ({', '.join(LIGHT_PRESETS)}) or 9 / 27 SH coefficients, separated by "
+                          "spaces or commas")
+    rig.add_argument("--exp", "--expression", dest="hand_exp", nargs="+",
+                     help="FLAME expression coefficients (up to 50), separated by spaces or commas "
+                          "(--exp -1 0.5, or --exp=-1,0.5)")
     rig.add_argument("--jaw", type=float, help="jaw opening")
 
     official = parser.add_argument_group("architecture of an official checkpoint (official names)")
@@ -117,18 +120,30 @@ def run(args: argparse.Namespace) -> int:
 
     architecture = {key[5:]: value for key, value in vars(args).items()
                     if key.startswith("arch.") and value is not None}
-    rig = HandRig(yaw=args.yaw, pitch=args.pitch, roll=args.roll, light=args.hand_light, expression=args.hand_exp,
-                  jaw=args.jaw)
+    joined = lambda values: None if values is None else " ".join(values)  # noqa: E731
+    rig = HandRig(yaw=args.yaw, pitch=args.pitch, roll=args.roll, light=joined(args.hand_light),
+                  expression=joined(args.hand_exp), jaw=args.jaw)
     modes = parse_modes(args.modes if args.modes is not None else ("pose,exp,light" if args.target else ""))
     if not modes and rig.is_empty:
         raise DiffrigError("nothing to edit: give --target with --modes, or a hand-set rig (--yaw, --light, ...)")
     if modes and not args.target:
         raise DiffrigError(f"--modes {' '.join(modes)} take their values from a target photo: give --target")
+    if args.batch_size < 1:
+        raise DiffrigError(f"--batch_size must be at least 1, got {args.batch_size}")
+    scheduler = args.scheduler if args.use_ddim else "ddpm"
+    if scheduler.lower() != "ddim":
+        from diffrig.diffusion import make_scheduler
+
+        make_scheduler(scheduler)  # an unknown name fails here, before the model loads
+        if args.invert:
+            chosen = "--use_ddim false" if not args.use_ddim else f"--scheduler {args.scheduler}"
+            raise DiffrigError(f"{chosen} cannot start from the source's DDIM inversion (the default): "
+                               "add --no-invert, or keep the DDIM sampler")
     if args.noise_schedule not in (None, "linear"):
         raise DiffrigError(f"only the official linear noise schedule is supported, got {args.noise_schedule!r}")
     sources = list_photos(args.source)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
     pipeline = RigEditPipeline.from_pretrained(args.model_path, deca_dir=args.deca_dir, meanshape=args.meanshape,
                                                device=device, **architecture)
     if "image_size" in architecture and architecture["image_size"] != pipeline.image_size:
@@ -140,9 +155,7 @@ def run(args: argparse.Namespace) -> int:
         pipeline.enable_fast_sampling(dtype=torch.bfloat16 if bf16 else None, channels_last=bf16,
                                       compile=args.compile, cuda_graphs=args.cuda_graphs)
 
-    scheduler, respacing, steps = args.scheduler, args.timestep_respacing, args.num_inference_steps
-    if not args.use_ddim:
-        scheduler = "ddpm"
+    respacing, steps = args.timestep_respacing, args.num_inference_steps
     if scheduler.lower() != "ddim":
         from diffrig.diffusion import respaced_timesteps
 

@@ -100,9 +100,30 @@ def test_hand_rig_without_target_and_official_pt(cli, capsys, model_dir, tmp_pat
     assert sorted(p.name for p in out.glob("*.png")) == ["carol_rig.png", "grid.png"]
 
 
+def test_hand_rig_numbers_as_separate_arguments_and_progress(cli, capsys, model_dir, tmp_path):
+    """--exp / --light take their numbers as separate arguments, negative ones included; without
+    --quiet the sampling steps of a single batch show progress."""
+    source = picture(tmp_path / "gina.png", seed=10)
+    out = tmp_path / "out"
+    code, stdout, stderr = run(cli, capsys, "--source", source, "--model_path", model_dir, "--deca_dir", "builtin",
+                               "--output_dir", out, "--timestep_respacing", "ddim4", "--exp", "-0.5", "0.2",
+                               "--light", "0.8", *["0"] * 8)
+    assert code == 0, stderr
+    assert stdout.strip() == f"wrote 1 edit and 1 grid in {out}"
+    assert "DDIM inversion" in stderr and "DDIM" in stderr.replace("DDIM inversion", "")
+    parser = cli.build_parser()
+    args = parser.parse_args(["--source", "x", "--model_path", "m", "--output_dir", "o", "--exp=-1,0.5",
+                              "--light", "left"])
+    assert args.hand_exp == ["-1,0.5"] and args.hand_light == ["left"]
+
+
 @pytest.mark.parametrize("problem", ["missing_model", "nothing_to_edit", "modes_without_target", "bad_mode",
-                                     "target_without_face", "wrong_image_size", "missing_source"])
+                                     "target_without_face", "wrong_image_size", "missing_source", "batch_size_zero",
+                                     "missing_cuda", "unknown_device", "ddpm_with_inversion", "unknown_scheduler",
+                                     "meanshape_not_a_shape_file"])
 def test_bad_inputs_give_one_line_and_exit_1(cli, capsys, model_dir, tmp_path, problem):
+    import torch
+
     source = picture(tmp_path / "dave.png", seed=6)
     args = ["--source", source, "--target", picture(tmp_path / "t.png", seed=7), "--model_path", model_dir,
             "--deca_dir", "builtin", "--output_dir", tmp_path / "out", "--timestep_respacing", "ddim4", "-q"]
@@ -114,6 +135,13 @@ def test_bad_inputs_give_one_line_and_exit_1(cli, capsys, model_dir, tmp_path, p
         "target_without_face": "target",
         "wrong_image_size": "wrong image size",
         "missing_source": "does not exist",
+        "batch_size_zero": "--batch_size must be at least 1",
+        "missing_cuda": "CUDA is not available",
+        "unknown_device": "unknown device 'gpu'",
+        "ddpm_with_inversion": "--use_ddim false cannot start from the source's DDIM inversion (the default): "
+                               "add --no-invert",
+        "unknown_scheduler": "unknown scheduler 'bogus'",
+        "meanshape_not_a_shape_file": "is not a mean shape file",
     }[problem]
     if problem == "missing_model":
         args[5] = tmp_path / "nowhere"
@@ -127,6 +155,20 @@ def test_bad_inputs_give_one_line_and_exit_1(cli, capsys, model_dir, tmp_path, p
         args[3] = picture(tmp_path / "blank.png", flat=True, landmarks=False)
     elif problem == "wrong_image_size":
         args += ["--image_size", 64]
+    elif problem == "batch_size_zero":
+        args += ["--batch_size", 0]
+    elif problem == "missing_cuda":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        args += ["--device", "cuda"]
+    elif problem == "unknown_device":
+        args += ["--device", "gpu"]
+    elif problem == "ddpm_with_inversion":
+        args += ["--use_ddim", "false"]
+    elif problem == "unknown_scheduler":
+        args += ["--scheduler", "bogus", "--no-invert"]
+    elif problem == "meanshape_not_a_shape_file":
+        args += ["--meanshape", source]
     else:
         args[1] = tmp_path / "absent.png"
     code, _, stderr = run(cli, capsys, *args)
