@@ -287,6 +287,16 @@ def test_latest_skips_incomplete_checkpoints_and_old_ones_are_pruned(dataset_dir
         resolve_resume(root, str(root / "checkpoint-000008"))
 
 
+def test_a_second_run_into_the_same_folder_must_resume(dataset_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny(dataset_dir, run, max_steps=2))
+    with pytest.raises(DiffrigError, match="already holds an earlier run .newest: checkpoint-000002.; continue"):
+        train(tiny(dataset_dir, run, max_steps=4))
+    with pytest.raises(CheckpointError, match=r"checkpoints found there: .*checkpoint-000002"):
+        train(tiny(dataset_dir, run, max_steps=4, resume=str(run)))  # the run folder, not a checkpoint
+    assert train(tiny(dataset_dir, run, max_steps=4, resume="latest")).step == 4
+
+
 def test_a_final_model_that_cannot_be_written_points_to_the_checkpoint(dataset_dir, tmp_path, monkeypatch):
     real_save = DiffusionRigModel.save_pretrained
 

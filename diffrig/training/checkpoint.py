@@ -63,7 +63,8 @@ def resolve_resume(root: str | os.PathLike, spec: str) -> Path | None:
         return found[-1] if found else None
     path = Path(spec)
     if not (path / STATE_FILE).is_file():
-        hint = f"; checkpoints found: {', '.join(p.name for p in list_checkpoints(path))}" if list_checkpoints(path) else ""
+        found = list_checkpoints(path) or list_checkpoints(path / "checkpoints")  # a checkpoints folder or a run
+        hint = f"; checkpoints found there: {', '.join(str(p) for p in found)}" if found else ""
         raise CheckpointError(f"{path} is not a complete training checkpoint (no {STATE_FILE}){hint}; "
                               "pass a checkpoint-NNNNNN directory or --resume latest")
     return path

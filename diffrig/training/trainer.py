@@ -34,6 +34,7 @@ from diffrig.errors import CheckpointError, DiffrigError
 from diffrig.models import DiffusionRigModel
 from diffrig.training.checkpoint import (
     checkpoint_name,
+    list_checkpoints,
     run_on_every_process,
     load_checkpoint,
     read_trainer_state,
@@ -128,7 +129,12 @@ def train(config: TrainConfig, progress: bool = True) -> TrainingResult:
     config.validate()
     _check_paths(config)
     accelerator = make_accelerator(config)
-    resume_dir = resolve_resume(Path(config.output_dir) / "checkpoints", config.resume)
+    checkpoints = Path(config.output_dir) / "checkpoints"
+    earlier = list_checkpoints(checkpoints)
+    if not config.resume and earlier:  # starting at step 0 here would mix two runs' checkpoints
+        raise DiffrigError(f"{config.output_dir} already holds an earlier run (newest: {earlier[-1].name}); "
+                           "continue it with --resume latest, or choose another --output_dir")
+    resume_dir = resolve_resume(checkpoints, config.resume)
     if config.stage == 2 and resume_dir is None and not config.init_from:
         raise DiffrigError("stage 2 fine-tunes a trained model: pass --model_path (a diffrig model "
                            "directory or an official model*.pt)")
