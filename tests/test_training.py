@@ -500,6 +500,24 @@ def test_cli_turns_user_errors_into_one_line(dataset_dir, tmp_path, capsys):
         assert "--model_path" in capsys.readouterr().err
 
 
+def test_cli_explains_every_setting_and_can_be_quiet(dataset_dir, tmp_path, capsys):
+    from diffrig.training.cli import build_parser
+    from diffrig.training.config import FIELDS
+
+    text = build_parser("").format_help()
+    for name in FIELDS:
+        if name not in ("model", "stage"):
+            assert FIELDS[name].metadata["help"] and f"--{name}" in text
+    assert "0 trains until stopped" in text and "checkpoint-NNNNNN" in text
+    tiny_config = str(CONFIGS / "tiny_cpu.yaml")
+    argv = ["--config", tiny_config, "--data_dir", str(dataset_dir), "--output_dir", str(tmp_path / "run"),
+            "--max_steps", "2", "--tracker", "none", "--sample_every", "0", "-q"]
+    assert cli_run(argv, stage=1, default_config=tiny_config, description="") == 0
+    captured = capsys.readouterr()
+    assert "stage 1" not in captured.err and "it/s" not in captured.err  # no progress bar
+    assert "finished at step 2" in captured.out
+
+
 # ---------------------------------------------------------------- several processes
 
 

@@ -33,6 +33,8 @@ def build_parser(description: str, aliases: dict[str, list[str]] | None = None) 
     aliases = {**OFFICIAL_ALIASES, **(aliases or {})}
     parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML settings file (flags below override its values)")
+    parser.add_argument("-q", "--quiet", action="store_true", default=False,
+                        help="no progress bar, warnings and errors only")
     defaults = TrainConfig()
     group = parser.add_argument_group("training settings (see configs/*.yaml)")
     for name in FIELDS:
@@ -41,6 +43,7 @@ def build_parser(description: str, aliases: dict[str, list[str]] | None = None) 
         default = getattr(defaults, name)
         kind = str2bool if isinstance(default, bool) else type(default)
         group.add_argument(f"--{name}", *aliases.get(name, []), dest=name, type=kind,
+                           help=FIELDS[name].metadata["help"],
                            metavar="BOOL" if kind is str2bool else kind.__name__.upper())
     group = parser.add_argument_group("model architecture (official names; ignored when loading a model dir)")
     for name, default in _model_defaults().items():
@@ -50,8 +53,8 @@ def build_parser(description: str, aliases: dict[str, list[str]] | None = None) 
     return parser
 
 
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+def configure_logging(quiet: bool = False) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     for noisy in ("accelerate", "diffusers", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -61,11 +64,12 @@ def run(argv: list[str] | None, *, stage: int, default_config: str, description:
     """Parse, train, and turn a DiffrigError into one line on stderr and exit status 1."""
     args = vars(build_parser(description, aliases).parse_args(argv))
     config_path = args.pop("config", default_config)
+    quiet = args.pop("quiet")
     model = {key.split(".", 1)[1]: args.pop(key) for key in list(args) if key.startswith("model.")}
     overrides = {**args, "stage": stage, **({"model": model} if model else {})}
-    configure_logging()
+    configure_logging(quiet)
     try:
-        result = train(load_config(config_path, overrides))
+        result = train(load_config(config_path, overrides), progress=not quiet)
     except DiffrigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

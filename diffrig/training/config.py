@@ -20,58 +20,65 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "none")
 
 
+def setting(default, help: str):
+    """A field of :class:`TrainConfig` with its ``--help`` text."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # what to train on, where to write it
-    stage: int = 1  # 1: generic prior (LMDB of many faces); 2: personal prior (album LMDB)
-    data_dir: str = ""
-    output_dir: str = ""
-    init_from: str = ""  # diffrig model dir or official model*.pt; stage 2 starts from one
-    resume: str = ""  # "" (start fresh), "latest" (newest checkpoint if any) or a checkpoint dir
-    model: dict = field(default_factory=dict)  # DiffusionRigModel options, official names
+    stage: int = setting(1, "1: generic prior (LMDB of many faces); 2: personal prior (album LMDB)")
+    data_dir: str = setting("", "LMDB dataset made by scripts/create_data.py")
+    output_dir: str = setting("", "folder for checkpoints/, logs/, samples/ and the trained model/")
+    init_from: str = setting("", "diffrig model dir or official model*.pt; stage 2 starts from one")
+    resume: str = setting(
+        "", "latest (the newest checkpoint in output_dir, if any) or a checkpoint-NNNNNN dir; empty: start fresh")
+    model: dict = field(default_factory=dict, metadata={"help": "DiffusionRigModel options, official names"})
 
     # diffusion objective (official: 1000 linear-β steps, P2 weighting γ = k = 1)
-    num_train_timesteps: int = 1000
-    p2_gamma: float = 1.0
-    p2_k: float = 1.0
+    num_train_timesteps: int = setting(1000, "diffusion steps of the linear beta schedule")
+    p2_gamma: float = setting(1.0, "P2 loss weighting gamma (0 turns the weighting off)")
+    p2_k: float = setting(1.0, "P2 loss weighting k")
 
     # optimisation (official: Adam, constant lr, gradient norm clipped at 1.0)
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    batch_size: int = 32  # per process
-    gradient_accumulation_steps: int = 1
-    max_steps: int = 50000  # optimizer steps in all; 0 trains until stopped
-    max_grad_norm: float = 1.0  # 0 turns clipping off
-    freeze_encoder: bool = False  # stage 2: only the UNet learns
-    freeze_encoder_batchnorm: bool = False  # also hold the frozen encoder's BatchNorm statistics
-    ema: bool = False
-    ema_decay: float = 0.9999
-    seed: int = 0
+    lr: float = setting(1e-4, "learning rate, constant (paper: 1e-4 stage 1, 1e-5 stage 2)")
+    weight_decay: float = setting(0.0, "Adam weight decay")
+    adam_beta1: float = setting(0.9, "Adam beta1")
+    adam_beta2: float = setting(0.999, "Adam beta2")
+    adam_eps: float = setting(1e-8, "Adam epsilon")
+    batch_size: int = setting(32, "photos per step and process")
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step")
+    max_steps: int = setting(50000, "optimizer steps in all; 0 trains until stopped")
+    max_grad_norm: float = setting(1.0, "clip the gradient norm to this; 0 turns clipping off")
+    freeze_encoder: bool = setting(False, "stage 2: only the UNet learns")
+    freeze_encoder_batchnorm: bool = setting(False, "also hold the frozen encoder's BatchNorm statistics")
+    ema: bool = setting(False, "keep an exponential moving average of the weights (written as model_ema/)")
+    ema_decay: float = setting(0.9999, "EMA decay per step")
+    seed: int = setting(0, "seed of timesteps, noise, dropout and data order")
 
     # precision and speed
-    mixed_precision: str = "bf16"
-    channels_last: bool = True
-    compile: bool = False
-    compile_mode: str = "default"  # torch.compile mode: default, reduce-overhead, max-autotune, ...
-    activation_memory_budget: float = 1.0  # with compile: < 1 recomputes cheap ops to keep fewer activations
-    gradient_checkpointing: bool = False
-    fused_optimizer: bool = True  # fused Adam kernel (also lets a non-finite step be skipped on the device)
-    allow_tf32: bool = True
-    num_workers: int = 4
+    mixed_precision: str = setting("bf16", "no, fp16 or bf16")
+    channels_last: bool = setting(True, "channels-last memory layout (faster convolutions on GPUs)")
+    compile: bool = setting(False, "torch.compile the model and loss")
+    compile_mode: str = setting("default", "torch.compile mode: default, reduce-overhead, max-autotune, ...")
+    activation_memory_budget: float = setting(
+        1.0, "with compile: below 1 recomputes cheap ops to keep fewer activations")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass to save memory")
+    fused_optimizer: bool = setting(True, "fused Adam kernel (also skips a non-finite step on the device)")
+    allow_tf32: bool = setting(True, "TF32 for float32 matrix products and convolutions (Ampere and newer GPUs)")
+    num_workers: int = setting(4, "data loader processes (stage 2 holds the album on the device)")
 
     # bookkeeping
-    log_every: int = 10
-    host_sync_every: int = 10  # steps between reading losses back (the GPU runs ahead in between)
-    checkpoint_every: int = 5000  # 0: only at the end (and on a stop signal)
-    keep_checkpoints: int = 2  # the newest K; 0 keeps all
-    sample_every: int = 1000  # 0: no sample grids
-    sample_count: int = 8
-    sample_steps: int = 20  # DDIM steps of the sample grid
-    max_nonfinite_steps: int = 5  # consecutive skipped steps before training stops
-    tracker: str = "tensorboard"
+    log_every: int = setting(10, "steps between logged scalars (loss, grad_norm, images_per_s)")
+    host_sync_every: int = setting(10, "steps between reading losses back (the GPU runs ahead in between)")
+    checkpoint_every: int = setting(5000, "steps between checkpoints; 0: only at the end (and on a stop signal)")
+    keep_checkpoints: int = setting(2, "checkpoints kept, the newest; 0 keeps all")
+    sample_every: int = setting(1000, "steps between sample grids; 0: none")
+    sample_count: int = setting(8, "photos in the sample grid")
+    sample_steps: int = setting(20, "DDIM steps of each sample grid")
+    max_nonfinite_steps: int = setting(5, "consecutive skipped steps before training stops")
+    tracker: str = setting("tensorboard", "tensorboard or none")
 
     def validate(self) -> TrainConfig:
         """Check values a run cannot start with; raises DiffrigError naming the setting."""
