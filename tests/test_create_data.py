@@ -187,6 +187,14 @@ def test_rerun_of_a_complete_dataset_changes_nothing_and_other_settings_are_refu
                            progress=False)
     assert again.already_complete and again.existing == 3 and again.written == 0
     assert (output / "data.mdb").read_bytes() == before
+    grown = album.parent / "grown_album"
+    shutil.copytree(album, grown)
+    newcomer = next(p for p in sorted(grown.iterdir()) if p.suffix == ".png")
+    shutil.copy(newcomer, grown / "newcomer.png")
+    with pytest.raises(DataError, match=r"finished dataset of 3 samples and does not hold 1 photo.*newcomer.png"):
+        create_dataset(grown, output, image_size=SMALL, deca_dir=deca_dir, device="cpu", num_workers=0,
+                       progress=False)
+    assert (output / "data.mdb").read_bytes() == before
     with pytest.raises(DataError, match="other settings"):
         create_dataset(album, output, image_size=32, deca_dir=deca_dir, device="cpu", num_workers=0, progress=False)
 

@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from diffrig.cliargs import check_device, str2bool
-from diffrig.data.align import MIN_FACE, write_rejected
+from diffrig.data.align import MIN_FACE, REJECTED_FILE, write_rejected
 from diffrig.data.crop import CROP_SIZE, crop_images, crop_transform, resize_matrix, resize_transform
 from diffrig.data.images import ImageRejected, load_rgb
 from diffrig.data.lmdb_store import DatasetMeta, RecordWriter
@@ -388,6 +388,7 @@ def create_dataset(data_dir: str | Path, output_dir: str | Path, image_size: int
     with RecordWriter(output, meta) as writer:
         summary.existing = writer.count
         if writer.meta.complete:
+            _check_nothing_new(writer, output, data_dir, names)
             summary.already_complete = True
             return summary
         deca = DECA.from_dir(folder, device=device)
@@ -406,6 +407,18 @@ def create_dataset(data_dir: str | Path, output_dir: str | Path, image_size: int
                             (f" (see {summary.rejected_file})" if summary.rejected_file else ""))
         writer.finish()
     return summary
+
+
+def _check_nothing_new(writer: RecordWriter, output: Path, data_dir: Path, names: list[str]) -> None:
+    """A finished dataset is never extended: refuse photos it neither holds nor rejected."""
+    listing = output / REJECTED_FILE
+    rejected = ({line.split("\t", 1)[0] for line in listing.read_text(encoding="utf-8").splitlines()}
+                if listing.is_file() else set())
+    new = [name for name in names if name not in rejected and not writer.has(name)]
+    if new:
+        raise DataError(f"{output} is a finished dataset of {writer.count} samples and does not hold {len(new)} "
+                        f"photo(s) of {data_dir} ({', '.join(new[:3])}{', ...' if len(new) > 3 else ''}); "
+                        "write them to another --output_dir, or delete it to start over")
 
 
 def _encode_workers(requested: int | None, device: torch.device) -> int:
