@@ -63,6 +63,43 @@ def parse_modes(modes: str | Sequence[str]) -> list[str]:
     return names
 
 
+def check_images(images, name: str = "images") -> None:
+    """Refuse what is not a batch of photos (B, 3, H, W) float in [0, 1].
+
+    Raises TypeError (not a float tensor) or ValueError (shape, or values outside [0, 1], as
+    uint8 photos, [0, 255] floats or [-1, 1] images would be) naming ``name``.
+    """
+    expected = "(B, 3, H, W) float in [0, 1]"
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor {expected}, got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"{name} must be {expected}, got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"{name} must be {expected}, got {images.dtype}: use images.float() / 255")
+    if images.numel():
+        low, high = (float(v) for v in images.detach().aminmax())
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise ValueError(f"{name} must be in [0, 1], got values in [{low:.3g}, {high:.3g}]: "
+                             "divide [0, 255] photos by 255, map [-1, 1] ones with (x + 1) / 2")
+
+
+def _check_sampling_inputs(buffers, latent, start, latent_dim: int | None, start_name: str) -> None:
+    """Shapes that sampling and inversion need: buffers (B, 9, H, W), latent (B or 1, L), start (B, 3, H, W)."""
+    for name, value in (("buffers", buffers), ("latent", latent), (start_name, start)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+    if buffers.dim() != 4 or buffers.shape[1] != 9:
+        raise ValueError(f"buffers must be (B, 9, H, W) (rendered | normal | albedo), got {tuple(buffers.shape)}")
+    batch, _, height, width = buffers.shape
+    if start.shape != (batch, 3, height, width):
+        raise ValueError(f"{start_name} must be ({batch}, 3, {height}, {width}) to match the buffers, "
+                         f"got {tuple(start.shape)}")
+    size = latent_dim if latent_dim is not None else (latent.shape[-1] if latent.dim() else 0)
+    if latent.dim() != 2 or latent.shape[0] not in (1, batch) or latent.shape[1] != size:
+        shapes = f"({batch}, {size})" + (f" (or (1, {size}) for all)" if batch != 1 else "")
+        raise ValueError(f"latent must be {shapes}, got {tuple(latent.shape)}; get it from encode_latent")
+
+
 def _broadcast(codes: RigCodes, batch: int) -> RigCodes:
     """Codes of 1 face repeated for ``batch`` faces (or the codes themselves when they hold ``batch``)."""
     if codes.batch_size == batch:
@@ -223,6 +260,11 @@ class RigEditPipeline:
                  schedule: diffusion.NoiseSchedule | None = None):
         self.model = model.eval()
         self.deca = deca
+        if meanshape is not None:
+            meanshape = torch.as_tensor(meanshape)
+            if meanshape.numel() != CODE_SIZES["shape"]:
+                raise ValueError(f"meanshape must hold the {CODE_SIZES['shape']} FLAME shape coefficients of an "
+                                 f"album, got shape {tuple(meanshape.shape)}")
         self.meanshape = None if meanshape is None else meanshape.reshape(1, -1).float()
         self.schedule = schedule or diffusion.make_schedule()
         self.denoiser = self.model  # what sampling calls; enable_fast_sampling swaps it
@@ -234,12 +276,13 @@ class RigEditPipeline:
                         meanshape: str | Path | torch.Tensor | None = None, device: str | torch.device = "cpu",
                         **architecture) -> RigEditPipeline:
         """Load a model (folder or official ``.pt``, see :func:`load_model`), a DECA folder
-        (``"builtin"``, a path, or None for the default) and optionally a mean shape file."""
+        (``"builtin"``, a path, or None for the default) and optionally a mean shape (a file for
+        :func:`read_meanshape`, or 100 values as a tensor or array)."""
         from diffrig.deca.rig import DECA
 
         model = load_model(str(model_path), architecture)
         deca = DECA.from_dir(deca_dir)
-        if meanshape is not None and not isinstance(meanshape, torch.Tensor):
+        if isinstance(meanshape, (str, Path)):
             meanshape = read_meanshape(meanshape)
         return cls(model, deca, meanshape).to(device)
 
@@ -252,6 +295,10 @@ class RigEditPipeline:
     @property
     def image_size(self) -> int:
         return int(self.model.config.image_size)
+
+    @property
+    def _latent_dim(self) -> int | None:
+        return getattr(self.model.config, "latent_dim", None)
 
     def to(self, device: str | torch.device) -> RigEditPipeline:
         self.model.to(device)
@@ -298,6 +345,10 @@ class RigEditPipeline:
         """DECA codes of aligned images (B, 3, S, S) in [0, 1] with crop transforms (B, 3, 3)."""
         from diffrig.data.crop import crop_images
 
+        check_images(images)
+        if not isinstance(tforms, torch.Tensor) or tforms.shape != (images.shape[0], 3, 3):
+            raise ValueError(f"tforms must be ({images.shape[0]}, 3, 3) crop transforms, one per image, got "
+                             f"{tuple(tforms.shape) if isinstance(tforms, torch.Tensor) else type(tforms).__name__}")
         return self.deca.encode(crop_images(images.to(self.device), tforms.to(self.device)))
 
     # --- rigs to buffers ----------------------------------------------------------------------
@@ -333,6 +384,7 @@ class RigEditPipeline:
     @torch.no_grad()
     def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
         """Global latents (B, latent_dim) of images (B, 3, S, S) in [0, 1]."""
+        check_images(images)
         return self.model.encode_latent(images.to(self.device) * 2 - 1)
 
     def noise(self, batch: int, seed: int = 0) -> torch.Tensor:
@@ -348,14 +400,20 @@ class RigEditPipeline:
         """Raw sampling: buffers (B, 9, S, S), latent (B, latent_dim), noise x_T (B, 3, S, S) (default:
         :meth:`noise` of ``seed``) -> images (B, 3, S, S) in [-1, 1].
 
+        ``generator`` draws the fresh noise of ancestral schedulers ("ddpm", "euler-a"); without
+        one it is seeded by ``seed``, so equal arguments give equal images with every scheduler.
+
         ``scheduler`` "ddim" is the official deterministic DDIM over the official spacing
         ("ddim20" = 20 steps; ``timestep_respacing`` overrides ``num_inference_steps``); other
         names pick a diffusers scheduler (:data:`diffrig.diffusion.SCHEDULER_ALIASES`).
         """
-        buffers, latent = buffers.to(self.device), latent.to(self.device)
-        if noise is None:
-            noise = self.noise(buffers.shape[0], seed)
-        noise = noise.to(self.device)
+        if noise is None and isinstance(buffers, torch.Tensor) and buffers.dim() == 4:  # as noise(), at their size
+            noise = diffusion.seeded_noise((1, 3, *buffers.shape[2:]), seed, device=self.device).expand(
+                buffers.shape[0], -1, -1, -1)
+        _check_sampling_inputs(buffers, latent, noise, self._latent_dim, "noise")
+        buffers, latent, noise = buffers.to(self.device), latent.to(self.device), noise.to(self.device)
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(seed))
         exact = isinstance(scheduler, str) and scheduler.lower() == diffusion.EXACT_DDIM
         if exact and self._graphs_on(noise):
             steps = self._steps(num_inference_steps, timestep_respacing)
@@ -368,6 +426,8 @@ class RigEditPipeline:
                num_inference_steps: int = 20, timestep_respacing: str | None = None,
                progress: bool = False) -> torch.Tensor:
         """DDIM inversion of images (B, 3, S, S) in [0, 1] under their buffers -> x_T (B, 3, S, S)."""
+        check_images(images)
+        _check_sampling_inputs(buffers, latent, images, self._latent_dim, "images")
         if self._graphs_on(images.to(self.device)):
             return self._graphed(ddim_invert_loop, images.to(self.device) * 2 - 1, buffers.to(self.device),
                                  latent.to(self.device), self._steps(num_inference_steps, timestep_respacing))
@@ -385,6 +445,12 @@ class RigEditPipeline:
         invert: start each source's edits from its DDIM inversion under its own (unedited)
         buffers and latent instead of the shared seeded noise; needs the "ddim" scheduler.
         """
+        if int(batch_size) < 1:
+            raise DiffrigError(f"batch_size must be at least 1, got {batch_size}")
+        for name, photos in (("sources", sources), ("target", target)):
+            if photos is not None and not isinstance(photos, Portraits):
+                raise TypeError(f"{name} must be Portraits (from read_photos), got {type(photos).__name__}; "
+                                "the pipeline's __call__ also takes photo paths")
         codes = self.edited_codes(sources, target, modes, rig)
         if not codes:
             raise DiffrigError("nothing to edit: give modes (with a target photo) or a hand-set rig")
@@ -442,7 +508,10 @@ class RigEditPipeline:
     def _portraits(self, photos, align: str, codes: str) -> Portraits | None:
         if photos is None or isinstance(photos, Portraits):
             return photos
-        paths = [photos] if isinstance(photos, (str, Path)) else list(photos)
+        paths = [photos] if isinstance(photos, (str, Path)) else photos
+        if not isinstance(paths, (list, tuple)) or not all(isinstance(p, (str, Path)) for p in paths):
+            raise TypeError(f"photos must be Portraits, a photo path or a list of paths, got {type(photos).__name__}; "
+                            "for images already in memory build Portraits(images, codes, tforms)")
         portraits, failures = self.read_photos(paths, align, codes)
         if failures:
             raise DataError("; ".join(f"{path}: {reason}" for path, reason in failures))

@@ -417,3 +417,64 @@ def test_inverted_edit_starts_from_the_inversion_under_the_own_buffers(pipeline)
     assert torch.allclose(result.edits["pose"], ((expected + 1) / 2).clamp(0, 1), atol=1e-5)
     fixed = pipeline.edit(sources, target, modes="pose", num_inference_steps=2, invert=False)
     assert not torch.allclose(fixed.edits["pose"], result.edits["pose"], atol=1e-3)
+
+
+# --- what a Python caller gets for inputs of the wrong kind ----------------------------------------
+
+def test_ancestral_sampling_is_reproducible_by_seed():
+    pipeline = RigEditPipeline(tiny_model(), None)
+    g = torch.Generator().manual_seed(8)
+    buffers, latent = torch.randn(2, 9, S, S, generator=g), torch.randn(2, 16, generator=g)
+    first = pipeline.generate(buffers, latent, scheduler="ddpm", num_inference_steps=3, seed=5)
+    again = pipeline.generate(buffers, latent, scheduler="ddpm", num_inference_steps=3, seed=5)
+    other = pipeline.generate(buffers, latent, scheduler="ddpm", num_inference_steps=3, seed=6,
+                              noise=pipeline.noise(2, 5))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)  # same x_T, other per-step noise
+
+
+def test_photos_of_the_wrong_type_or_range_are_refused_by_name(pipeline):
+    images = torch.rand(2, 3, S, S)
+    buffers, latent = torch.zeros(2, 9, S, S), torch.zeros(2, 16)
+    with pytest.raises(TypeError, match="images.*uint8"):
+        pipeline.encode_latent((images * 255).to(torch.uint8))
+    with pytest.raises(TypeError, match="images.*uint8"):
+        pipeline.invert((images * 255).to(torch.uint8), buffers, latent)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        pipeline.invert(images * 2 - 1, buffers, latent)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        pipeline.encode_latent(images * 255)
+    with pytest.raises(ValueError, match="shape"):
+        pipeline.encode_latent(images[0])
+    with pytest.raises(TypeError, match="ndarray"):
+        pipeline.encode_latent(images.numpy())
+
+
+def test_sampling_inputs_that_do_not_fit_are_refused_by_name(pipeline):
+    buffers, latent = torch.zeros(3, 9, S, S), torch.zeros(3, 16)
+    with pytest.raises(ValueError, match="noise"):
+        pipeline.generate(buffers, latent, noise=torch.zeros(2, 3, S, S))
+    with pytest.raises(ValueError, match="latent"):
+        pipeline.generate(buffers, torch.zeros(3, 64))
+    with pytest.raises(ValueError, match="buffers"):
+        pipeline.generate(buffers[:, :8], latent)
+    with pytest.raises(ValueError, match="images"):
+        pipeline.invert(torch.rand(3, 3, 2 * S, 2 * S), buffers, latent)
+    assert pipeline.generate(buffers, latent[:1], num_inference_steps=2).shape == (3, 3, S, S)
+
+
+def test_edit_and_call_arguments_of_the_wrong_kind(pipeline):
+    with pytest.raises(DiffrigError, match="batch_size"):
+        pipeline.edit(portraits(1, 0), rig=HandRig(yaw=10), batch_size=0)
+    with pytest.raises(TypeError, match="Portraits"):
+        pipeline(torch.rand(1, 3, S, S), rig=HandRig(yaw=10))
+    with pytest.raises(TypeError, match="Portraits"):
+        pipeline.edit(torch.rand(1, 3, S, S), rig=HandRig(yaw=10))
+
+
+def test_mean_shape_given_in_memory():
+    import numpy as np
+
+    assert RigEditPipeline(tiny_model(), None, meanshape=np.ones(100, np.float32)).meanshape.shape == (1, 100)
+    with pytest.raises(ValueError, match="100"):
+        RigEditPipeline(tiny_model(), None, meanshape=torch.zeros(50))
