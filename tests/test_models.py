@@ -101,6 +101,27 @@ def test_argument_errors():
         model(noisy, t, buffers, latent=torch.zeros(2, 64), image=image)
     with pytest.raises(ValueError, match="in_channels=12"):
         model(noisy, t, buffers[:, :6], image=image)
+
+
+def test_inputs_that_do_not_fit_together_are_refused_by_name():
+    model = tiny()
+    noisy, t, buffers, image = inputs()
+    with pytest.raises(ValueError, match="buffers .* must match noisy"):
+        model(noisy, t, buffers[:1], image=image)
+    with pytest.raises(ValueError, match="buffers .* must match noisy"):
+        model(noisy, t, buffers[..., :16, :16], image=image)
+    with pytest.raises(ValueError, match=r"latent must be \(2, 64\)"):
+        model(noisy, t, buffers, latent=torch.zeros(2, 16))
+    with pytest.raises(ValueError, match=r"latent must be \(2, 64\)"):
+        model(noisy, t, buffers, latent=torch.zeros(64))
+    with pytest.raises(ValueError, match="timesteps"):
+        model(noisy, torch.tensor([1, 2, 3]), buffers, image=image)
+    with pytest.raises(TypeError, match="image must be float"):
+        model(noisy, t, buffers, image=((image + 1) * 127.5).to(torch.uint8))
+    with pytest.raises(ValueError, match="batches"):
+        model(noisy[0], t, buffers[0], image=image)
+    with torch.no_grad():  # one latent row serves the whole batch
+        assert model(noisy, t, buffers, latent=torch.zeros(1, 64)).shape == (2, 3, 32, 32)
     with pytest.raises(ValueError, match="use_scale_shift_norm=False"):
         DiffusionRigModel(**TINY, use_scale_shift_norm=False)
     with pytest.raises(ValueError, match=r"positive multiple of 32 .* gives \[48, 96\]"):

@@ -109,16 +109,29 @@ class DiffusionRigModel(ModelMixin, ConfigMixin):
         """
         if (latent is None) == (image is None):
             raise ValueError("pass exactly one of latent= (a global latent code) or image= (to encode one)")
+        if noisy.dim() != 4 or buffers.dim() != 4:
+            raise ValueError(f"noisy and buffers must be batches (B, C, H, W), got {tuple(noisy.shape)} and "
+                             f"{tuple(buffers.shape)}")
         if noisy.shape[1] + buffers.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"noisy ({noisy.shape[1]} channels) and buffers ({buffers.shape[1]}) must add up to "
                 f"in_channels={self.config.in_channels}"
             )
+        batch = noisy.shape[0]
+        if buffers.shape[0] != batch or buffers.shape[2:] != noisy.shape[2:]:
+            raise ValueError(f"buffers {tuple(buffers.shape)} must match noisy {tuple(noisy.shape)} in batch and size")
         if latent is None:
+            if not image.is_floating_point():
+                raise TypeError(f"image must be float in [-1, 1], got {image.dtype}: use image.float() / 127.5 - 1")
             latent = self.encode_latent(image)
+        elif latent.dim() != 2 or latent.shape[0] not in (1, batch) or latent.shape[1] != self.config.latent_dim:
+            raise ValueError(f"latent must be ({batch}, {self.config.latent_dim}) (or one row for all), "
+                             f"got {tuple(latent.shape)}")
         timesteps = torch.as_tensor(timesteps, device=noisy.device)
         if timesteps.ndim == 0:
-            timesteps = timesteps.expand(noisy.shape[0])
+            timesteps = timesteps.expand(batch)
+        elif timesteps.shape != (batch,):
+            raise ValueError(f"timesteps must be a scalar or ({batch},), got {tuple(timesteps.shape)}")
         return self.unet(torch.cat([noisy, buffers.to(noisy.dtype)], dim=1), timesteps, latent)
 
     def freeze_encoder(self, frozen: bool = True, freeze_batchnorm: bool = False) -> None:
