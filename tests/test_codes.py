@@ -52,3 +52,16 @@ def test_bad_shapes_are_rejected():
         codes.replace(pose=torch.zeros(2, 3))
     with pytest.raises(ValueError, match="cam"):
         codes.replace(cam=torch.zeros(1, 3))
+
+
+def test_single_faces_mixed_batches_and_indices_get_clear_errors():
+    flat = torch.zeros(2, 236)
+    fields = dict(zip(CODE_SIZES, flat.split(list(CODE_SIZES.values()), dim=1)))
+    with pytest.raises(ValueError, match=r"shape must be a batch \(B, 100\).*\[None\]"):
+        RigCodes(**{**fields, "shape": torch.zeros(100)})
+    with pytest.raises(ValueError, match="same faces: shape has 2, light 1"):
+        RigCodes(**{**fields, "light": torch.zeros(1, 27)})
+    codes = RigCodes(**fields)
+    with pytest.raises(IndexError, match="face 2 is out of range for 2 faces"):
+        codes[2]
+    assert codes[-2].batch_size == 1 and codes[0:0].batch_size == 0

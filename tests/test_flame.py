@@ -284,3 +284,10 @@ def test_from_files_reads_the_third_party_formats(tmp_path):
     shape, expression, pose = codes(reference, batch=2, scale=0.5)
     for got, expected in zip(loaded(shape, expression, pose), reference(shape, expression, pose)):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_codes_of_another_dtype_are_refused_by_name():
+    flame = FLAME.from_arrays(toy_model(), toy_embedding())
+    shape, expression, pose = codes(flame)
+    with pytest.raises(TypeError, match="expression is torch.float64"):
+        flame(shape, expression.double(), pose)

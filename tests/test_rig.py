@@ -47,6 +47,20 @@ def test_encode_gives_decas_code_sizes(deca):
 def test_encode_rejects_uncropped_images(deca):
     with pytest.raises(DataError, match="224"):
         deca.encode(torch.rand(1, 3, 256, 256))
+    with pytest.raises(TypeError, match="uint8.*255"):
+        deca.encode(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="ndarray"):
+        deca.encode(torch.rand(1, 3, 224, 224).numpy())
+
+
+def test_decode_refuses_transforms_and_sizes_that_do_not_fit(deca):
+    codes = plausible_codes()
+    with pytest.raises(ValueError, match=r"tform must be \(2, 3, 3\)"):
+        deca.decode(codes, size=SIZE, tform=torch.eye(3))
+    with pytest.raises(ValueError, match=r"tform must be \(2, 3, 3\)"):
+        deca.decode(codes, size=SIZE, tform=torch.eye(3).repeat(3, 1, 1))
+    with pytest.raises(ValueError, match="size must be positive"):
+        deca.decode(codes, size=0, render=False)
 
 
 def test_decode_geometry_and_buffers(deca):

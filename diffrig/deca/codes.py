@@ -32,12 +32,22 @@ class RigCodes:
     light: torch.Tensor
 
     def __post_init__(self):
+        for name in CODE_SIZES:
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor) or value.dim() < 2:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"RigCodes.{name} must be a batch (B, {CODE_SIZES[name]}), got {got}; "
+                                 "for one face add the batch axis: value[None]")
         batch = self.shape.shape[0]
+        for name in CODE_SIZES:
+            if getattr(self, name).shape[0] != batch:
+                raise ValueError(f"RigCodes fields must hold the same faces: shape has {batch}, "
+                                 f"{name} {getattr(self, name).shape[0]}")
         if self.light.dim() == 2:
             self.light = self.light.reshape(batch, NUM_SH, 3)
         for name, size in CODE_SIZES.items():
             value = getattr(self, name)
-            flat_shape = (value.shape[0], value[0].numel()) if value.dim() > 0 else ()
+            flat_shape = (value.shape[0], value.shape[1:].numel())
             if flat_shape != (batch, size):
                 raise ValueError(f"RigCodes.{name} must hold (B={batch}, {size}) values, got {tuple(value.shape)}")
         if self.light.shape[1:] != (NUM_SH, 3):
@@ -86,6 +96,8 @@ class RigCodes:
     def __getitem__(self, index) -> RigCodes:
         """Batch slice; an integer index keeps the batch axis (``codes[0]`` has B = 1)."""
         if isinstance(index, int):
+            if not -self.batch_size <= index < self.batch_size:
+                raise IndexError(f"face {index} is out of range for {self.batch_size} faces")
             index = slice(index, index + 1 if index != -1 else None)
         return self.map(lambda t: t[index])
 

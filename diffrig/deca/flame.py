@@ -129,6 +129,8 @@ class FLAME(nn.Module):
         ):
             if tuple(value.shape) != (batch, width):
                 raise ValueError(f"FLAME: {name} must have shape ({batch}, {width}), got {tuple(value.shape)}")
+            if value.dtype != self.v_template.dtype:
+                raise TypeError(f"FLAME runs in {self.v_template.dtype}: {name} is {value.dtype}; use .float()")
 
         neck_pose = zeros[:, :3]
         full_pose = torch.cat([pose[:, :3], neck_pose, pose[:, 3:], eye_pose], dim=1)

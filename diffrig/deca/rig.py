@@ -136,6 +136,13 @@ class DECA(nn.Module):
 
     def encode(self, images: torch.Tensor) -> RigCodes:
         """Face crops (B, 3, 224, 224) in [0, 1] -> codes (DECA's crop: see diffrig.data)."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"DECA encodes a tensor of face crops (B, 3, {self.crop_size}, {self.crop_size}) in "
+                            f"[0, 1], got {type(images).__name__}")
+        weights = next(self.encoder.parameters())
+        if images.dtype != weights.dtype:
+            raise TypeError(f"DECA's encoder runs in {weights.dtype}; got crops of {images.dtype}: "
+                            + ("use images.float() / 255" if not images.is_floating_point() else "use images.float()"))
         if images.dim() != 4 or images.shape[1:] != (3, self.crop_size, self.crop_size):
             raise DataError(
                 f"DECA encodes (B, 3, {self.crop_size}, {self.crop_size}) face crops in [0, 1]; "
@@ -169,14 +176,19 @@ class DECA(nn.Module):
 
         projected = [orthographic_project(p, codes.cam) for p in (vertices, landmarks2d, landmarks3d)]
         if tform is None:
-            height, width = _pair(size or self.crop_size)
+            height, width = _pair(self.crop_size if size is None else size)
         else:
             if size is None:
                 raise ValueError("decode(tform=...) needs size=(H, W) of the original image")
             height, width = _pair(size)
+            if tform.dim() != 3 or tform.shape[1:] != (3, 3) or tform.shape[0] not in (1, len(codes)):
+                raise ValueError(f"tform must be ({len(codes)}, 3, 3) crop transforms, one per face (or one for "
+                                 f"all), got {tuple(tform.shape)}")
             crop_to_original = torch.linalg.inv(tform.to(vertices)).transpose(1, 2).expand(len(codes), -1, -1)
             projected = [transform_points(p, crop_to_original, [self.crop_size, self.crop_size], [height, width])
                          for p in projected]
+        if height < 1 or width < 1:
+            raise ValueError(f"size must be positive, got {size}")
         transformed_vertices, screen_landmarks2d, screen_landmarks3d = projected
         out = RigOutput(
             vertices=vertices,
