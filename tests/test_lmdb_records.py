@@ -135,6 +135,23 @@ def test_a_full_disk_keeps_what_was_written_and_the_run_resumes(tmp_path, monkey
         assert writer.count == 40
 
 
+def test_several_readers_of_one_file_in_one_process_share_it(tmp_path):
+    path = tmp_path / "ds.lmdb"
+    write_dataset(path, n=4)
+    train, validation = LmdbDataset(path), LmdbDataset(path)  # e.g. a notebook cell run twice
+    reader = RecordReader(path)
+    assert train[1]["image"].shape == validation[1]["image"].shape and reader[2].name == "img02.png"
+    train.close()
+    assert validation[3]["image"].shape[0] == 3 and reader[0].name == "img00.png"  # still open for the others
+    with pytest.raises(DataError, match="open for reading in this process"):
+        RecordWriter(path, make_meta())
+    validation.close()
+    reader.close()
+    reader.close()  # twice is harmless
+    with RecordWriter(path, make_meta()) as writer:  # every reader closed: the file can be written again
+        assert writer.count == 4
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     path = tmp_path / "ds.lmdb"
     write_dataset(path, n=1, finish=False)

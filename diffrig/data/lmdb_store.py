@@ -54,8 +54,35 @@ def _open(path: Path, readonly: bool) -> lmdb.Environment:
         return lmdb.open(str(path), map_size=MAP_SIZE, readonly=readonly, lock=not readonly,
                          readahead=False, meminit=False, max_readers=1024)
     except lmdb.Error as error:
+        if "already open" in str(error):
+            raise DataError(f"{path} is open for reading in this process: close its readers and datasets "
+                            "before writing to it") from None
         raise DataError(f"{path} is not a readable LMDB dataset ({error}); it may be corrupt or truncated: "
                         "re-create it with scripts/create_data.py") from None
+
+
+# LMDB refuses a second handle on one file within a process: readers of a file share one
+# environment, counted, per process (a forked worker opens its own).
+_SHARED: dict[tuple[str, int], list] = {}  # (real path, pid) -> [environment, readers]
+
+
+def _open_shared(path: Path) -> lmdb.Environment:
+    key = (os.path.realpath(path), os.getpid())
+    if key not in _SHARED:
+        _SHARED[key] = [_open(path, readonly=True), 0]
+    _SHARED[key][1] += 1
+    return _SHARED[key][0]
+
+
+def _release_shared(path: Path, env: lmdb.Environment) -> None:
+    key = (os.path.realpath(path), os.getpid())
+    entry = _SHARED.get(key)
+    if entry is None or entry[0] is not env:
+        return
+    entry[1] -= 1
+    if entry[1] == 0:
+        del _SHARED[key]
+        env.close()
 
 
 class RecordWriter:
@@ -143,18 +170,25 @@ class RecordWriter:
 
 
 class RecordReader:
-    """Random access to a complete dataset. Open one per process (LMDB handles do not survive fork)."""
+    """Random access to a complete dataset. Readers of one file in one process share its LMDB
+    handle; a forked process opens its own (handles do not survive fork)."""
 
     def __init__(self, path):
         self.path = Path(path)
         if not self.path.is_dir() or not (self.path / "data.mdb").is_file():
             raise DataError(f"{self.path} is not an LMDB dataset folder; make one with scripts/create_data.py")
-        self.env = _open(self.path, readonly=True)
+        self.env = _open_shared(self.path)
         self.pid = os.getpid()
+        try:
+            self.meta = self._checked_meta()
+        except BaseException:
+            self.close()
+            raise
+
+    def _checked_meta(self) -> DatasetMeta:
         # A truncated file would crash the process (SIGBUS) on the first read of a missing page.
         needed = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
         if (self.path / "data.mdb").stat().st_size < needed:
-            self.env.close()
             raise DataError(f"{self.path} is truncated (data.mdb is shorter than its own index says); "
                             "re-create it with scripts/create_data.py")
         try:
@@ -169,12 +203,13 @@ class RecordReader:
                             "diffrig does not unpickle; re-create it with scripts/create_data.py")
         if stored is None:
             raise DataError(f"{self.path} has no diffrig metadata; re-create it with scripts/create_data.py")
-        self.meta = DatasetMeta.from_bytes(stored)
-        if self.meta.schema != SCHEMA:
-            raise DataError(f"{self.path} has schema {self.meta.schema!r}; this diffrig reads {SCHEMA!r}")
-        if not self.meta.complete:
-            raise DataError(f"{self.path} was not finished ({self.meta.count} samples so far); re-run "
+        meta = DatasetMeta.from_bytes(stored)
+        if meta.schema != SCHEMA:
+            raise DataError(f"{self.path} has schema {meta.schema!r}; this diffrig reads {SCHEMA!r}")
+        if not meta.complete:
+            raise DataError(f"{self.path} was not finished ({meta.count} samples so far); re-run "
                             "scripts/create_data.py with the same arguments to complete it")
+        return meta
 
     def __len__(self) -> int:
         return self.meta.count
@@ -192,4 +227,7 @@ class RecordReader:
         return decode_sample(data, where=f"{self.path} sample {index}")
 
     def close(self) -> None:
-        self.env.close()
+        """Release this reader's handle (the file closes when no reader of it is left in the process)."""
+        if self.env is not None:
+            _release_shared(self.path, self.env)
+            self.env = None
