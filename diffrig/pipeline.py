@@ -29,11 +29,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffrig.training.model_source import load_model
 from diffrig import diffusion
+from diffrig.atomic import write_atomically
 from diffrig.deca.codes import CODE_SIZES, RigCodes
 from diffrig.errors import DataError, DiffrigError
 from diffrig.rigs import HandRig
+from diffrig.training.model_source import load_model
 
 MODES = ("pose", "light", "expression", "latent")
 MODE_ALIASES = {"exp": "expression"}
@@ -240,12 +241,12 @@ class EditResult:
 
 
 def save_png(image: torch.Tensor, path: str | Path) -> Path:
-    """Write (3, H, W) in [0, 1] as an 8-bit RGB PNG."""
-    path = Path(path)
+    """Write (3, H, W) in [0, 1] as an 8-bit RGB PNG, whole or not at all."""
     pixels = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path, format="PNG")
-    return path
+    try:
+        return write_atomically(path, lambda stream: Image.fromarray(pixels).save(stream, format="PNG"))
+    except OSError as error:
+        raise DiffrigError(f"could not write {path} ({error.strerror or error}); is the disk full?") from None
 
 
 class RigEditPipeline:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from diffrig.atomic import write_atomically
 from diffrig.data.images import MIN_IMAGE_SIDE, ImageRejected, load_rgb
 from diffrig.data.landmarks import Face, detect_faces
 from diffrig.errors import DataError, DiffrigError
@@ -274,10 +274,7 @@ def _has_size(path: Path, size: int) -> bool:
 
 def _save_png(image: Image.Image, target: Path) -> None:
     """Write atomically, so an interrupted run never leaves a truncated PNG that looks done."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial")
-    image.save(partial, format="PNG")
-    os.replace(partial, target)
+    write_atomically(target, lambda stream: image.save(stream, format="PNG"))
 
 
 def write_rejected(output: Path, rejected: list[tuple[str, str]]) -> Path | None:

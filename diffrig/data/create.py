@@ -51,10 +51,11 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from diffrig.atomic import write_atomically
 from diffrig.cliargs import check_device, str2bool
 from diffrig.data.align import MIN_FACE, REJECTED_FILE, write_rejected
 from diffrig.data.crop import CROP_SIZE, crop_images, crop_transform, resize_matrix, resize_transform
@@ -512,9 +513,7 @@ def _mean_shape(deca, inputs: CropInputs, output: Path, written: int, loader_opt
     if count == 0:
         return torch.zeros(1, CODE_SIZES["shape"]), CropInputs([], [], inputs.image_size), rejected
     mean = (total / count).float()[None]
-    partial = path.with_name(f".{path.name}.partial")
-    save_file({"shape": mean.contiguous()}, partial)
-    os.replace(partial, path)
+    write_atomically(path, lambda stream: stream.write(save({"shape": mean.contiguous()})))
     keep = [i for i, name in enumerate(inputs.names) if name in tforms]
     remaining = CropInputs([inputs.files[i] for i in keep], [inputs.names[i] for i in keep], inputs.image_size,
                            inputs.codes, inputs.min_face, tforms)

@@ -51,9 +51,8 @@ raise :class:`AssetError` naming the file; pickles naming anything but the expec
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from os import PathLike
@@ -62,6 +61,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from diffrig.atomic import write_atomically
 from diffrig.deca.assets import malformed_asset_error, missing_asset_error
 from diffrig.deca.legacy_pickle import Global, NewObject, PickleWriter
 from diffrig.deca.safe_pickle import FLAME_GLOBALS, LANDMARK_GLOBALS, ChumpyArray, SparseMatrix, restricted_load
@@ -101,19 +101,6 @@ def _reading(path: PathArg) -> Iterator[Path]:
         raise
     except Exception as error:  # noqa: BLE001 - every parser failure means "damaged file"
         raise malformed_asset_error(path, str(error) or type(error).__name__) from error
-
-
-def _write_atomically(path: PathArg, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through a temporary file beside ``path`` so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as stream:
-            write(stream)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _as_array(value: Any, key: str) -> np.ndarray:
@@ -202,7 +189,7 @@ def write_flame_model(path: PathArg, arrays: Mapping[str, Any]) -> None:
         "bs_type": "lrotmin",
     }
     data = PickleWriter(protocol=2, python2=True).dumps(model)
-    _write_atomically(path, lambda stream: stream.write(data))
+    write_atomically(path, lambda stream: stream.write(data))
 
 
 def _chumpy_constant(value: np.ndarray) -> NewObject:
@@ -270,7 +257,7 @@ def write_landmark_embedding(path: PathArg, embedding: Mapping[str, Any]) -> Non
         np.lib.format.write_array_header_1_0(stream, {"descr": "|O", "fortran_order": False, "shape": ()})
         stream.write(data)
 
-    _write_atomically(path, write)
+    write_atomically(path, write)
 
 
 # ----------------------------------------------------------------------------- OBJ mesh
@@ -357,7 +344,7 @@ def write_obj(path: PathArg, mesh: ObjMesh) -> None:
     else:
         out += [f"f {a} {b} {c}\n" for a, b, c in faces.tolist()]
     data = "".join(out).encode("ascii")
-    _write_atomically(path, lambda stream: stream.write(data))
+    write_atomically(path, lambda stream: stream.write(data))
 
 
 # ----------------------------------------------------------------------------- texture spaces
@@ -405,7 +392,7 @@ def write_texture_space(path: PathArg, space: TextureSpace) -> None:
         arrays = {mean_key: mean.reshape(side, side, 3), basis_key: basis.reshape(side, side, 3, -1)}
     else:
         arrays = {mean_key: mean, basis_key: basis}
-    _write_atomically(path, lambda stream: np.savez(stream, **arrays))
+    write_atomically(path, lambda stream: np.savez(stream, **arrays))
 
 
 # ----------------------------------------------------------------------------- images and arrays
@@ -451,7 +438,7 @@ def write_image(path: PathArg, pixels: np.ndarray) -> None:
     if fmt is None:
         raise AssetError(f"cannot write {path}: use .png or .jpg")
     options = {"quality": 95} if fmt == "JPEG" else {}
-    _write_atomically(path, lambda stream: image.save(stream, format=fmt, **options))
+    write_atomically(path, lambda stream: image.save(stream, format=fmt, **options))
 
 
 def read_array(path: PathArg) -> np.ndarray:
@@ -520,7 +507,7 @@ def write_deca_checkpoint(path: PathArg, parts: Mapping[str, Mapping[str, Any]])
 
     content = {str(name): {str(key): tensor.detach().cpu() for key, tensor in state.items()}
                for name, state in parts.items()}
-    _write_atomically(path, lambda stream: torch.save(content, stream))
+    write_atomically(path, lambda stream: torch.save(content, stream))
 
 
 __all__ = [
