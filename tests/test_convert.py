@@ -154,8 +154,11 @@ def test_malformed_checkpoints_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_official_checkpoint(tmp_path / "absent.pt", **ARCH)
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read .*garbage.pt"):
+    with pytest.raises(CheckpointError, match="cannot read .*garbage.pt.*not a file written by torch.save"):
         load_official_checkpoint(tmp_path / "garbage.pt", **ARCH)
+    (tmp_path / "settings.json").write_text('{"lr": 1e-4}')
+    with pytest.raises(CheckpointError, match="settings.json.*not a file written by torch.save"):
+        load_official_checkpoint(tmp_path / "settings.json", **ARCH)
     with pytest.raises(CheckpointError, match="holds a list"):
         load_official_checkpoint(write_official(tmp_path / "list.pt", [1, 2]), **ARCH)
     with pytest.raises(CheckpointError, match="invalid architecture: no default channel_mult"):

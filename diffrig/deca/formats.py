@@ -488,6 +488,8 @@ def torch_load_reason(error: Exception) -> str:
     unsafe = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", text, re.IGNORECASE)
     if unsafe:
         return f"it names the global '{unsafe.group(1)}', which weights-only loading refuses (not plain tensors)"
+    if re.search(r"Unsupported operand|invalid load key", text):
+        return "it is not a file written by torch.save (neither a zip archive nor a pickle)"
     marker = text.find("WeightsUnpickler error:")
     if marker >= 0:  # torch's own reason follows its generic advice
         text = text[marker + len("WeightsUnpickler error:"):]
