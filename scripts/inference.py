@@ -120,9 +120,9 @@ def run(args: argparse.Namespace) -> int:
 
     architecture = {key[5:]: value for key, value in vars(args).items()
                     if key.startswith("arch.") and value is not None}
-    joined = lambda values: None if values is None else " ".join(values)  # noqa: E731
-    rig = HandRig(yaw=args.yaw, pitch=args.pitch, roll=args.roll, light=joined(args.hand_light),
-                  expression=joined(args.hand_exp), jaw=args.jaw)
+    light = " ".join(args.hand_light) if args.hand_light is not None else None
+    expression = " ".join(args.hand_exp) if args.hand_exp is not None else None
+    rig = HandRig(yaw=args.yaw, pitch=args.pitch, roll=args.roll, light=light, expression=expression, jaw=args.jaw)
     modes = parse_modes(args.modes if args.modes is not None else ("pose,exp,light" if args.target else ""))
     if not modes and rig.is_empty:
         raise DiffrigError("nothing to edit: give --target with --modes, or a hand-set rig (--yaw, --light, ...)")
