@@ -84,7 +84,7 @@ def test_schedule_is_official_linear():
     short = D.make_schedule(500)
     assert short.betas[0].item() == pytest.approx(2e-4) and short.betas[-1].item() == pytest.approx(0.04)
     assert short.alpha_bar(10) == pytest.approx(alpha_bar_closed_form(10, 500), rel=1e-12)
-    with pytest.raises(DiffrigError):
+    with pytest.raises(DiffrigError, match="num_train_timesteps must be at least 2, got 1"):
         D.make_schedule(1)
 
 
@@ -155,8 +155,11 @@ def test_ddim_timesteps_follow_official_rule():
     assert D.respaced_timesteps("4") == [0, 333, 666, 999]
     assert D.respaced_timesteps(10) == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
     assert D.respaced_timesteps("2,3") == [0, 499, 500, 750, 999]
-    for bad in ("ddim999", "ddimx", "fast", "5,600"):
-        with pytest.raises(DiffrigError):
+    for bad, reason in (("ddim999", "no integer stride splits 1000 timesteps into exactly 999 DDIM steps"),
+                        ("ddimx", "cannot read timestep respacing 'ddimx'"),
+                        ("fast", "cannot read timestep respacing 'fast'"),
+                        ("5,600", "cannot take 600 steps from a section of 500 timesteps")):
+        with pytest.raises(DiffrigError, match=reason):
             D.respaced_timesteps(bad)
 
 
@@ -269,19 +272,31 @@ def test_inversion_then_sampling_beats_random_noise_for_gaussian_data():
     assert errors[1] < 0.6 * errors[0]  # the ODE discretisation error shrinks with more steps
 
 
-@pytest.mark.parametrize("name", ["ddpm", "dpm++", "euler", "euler-a", "heun", "pndm", "unipc", "DDIMScheduler"])
-def test_diffusers_schedulers_by_name(name):
+@pytest.mark.parametrize("name, class_name, stochastic", [
+    ("ddpm", "DDPMScheduler", True), ("dpm++", "DPMSolverMultistepScheduler", False),
+    ("euler", "EulerDiscreteScheduler", False), ("euler-a", "EulerAncestralDiscreteScheduler", True),
+    ("heun", "HeunDiscreteScheduler", False), ("pndm", "PNDMScheduler", False),
+    ("unipc", "UniPCMultistepScheduler", False), ("DDIMScheduler", "DDIMScheduler", False),
+])
+def test_diffusers_schedulers_by_name(name, class_name, stochastic):
+    sch = D.make_scheduler(name)
+    assert type(sch).__name__ == class_name
+    torch.testing.assert_close(sch.betas.double(), D.make_schedule().betas, rtol=1e-5, atol=0)
     model = TinyDenoiser()
     _, buffers, noise = batch()
     latent = torch.randn(2, 64)
     out = D.sample(model, buffers, latent, noise, num_inference_steps=4, scheduler=name,
                    generator=torch.Generator().manual_seed(0))
     assert out.shape == noise.shape and out.dtype == noise.dtype and torch.isfinite(out).all()
+    # the chain is the named scheduler's: the model is asked at exactly its timesteps
+    sch.set_timesteps(4)
+    assert [c["timesteps"].tolist() for c in model.calls] == [[t, t] for t in sch.timesteps.tolist()]
     again = D.sample(model, buffers, latent, noise, num_inference_steps=4, scheduler=name,
                      generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, again, rtol=0, atol=0)
-    sch = D.make_scheduler(name)
-    torch.testing.assert_close(sch.betas.double(), D.make_schedule().betas, rtol=1e-5, atol=0)
+    other_seed = D.sample(model, buffers, latent, noise, num_inference_steps=4, scheduler=name,
+                          generator=torch.Generator().manual_seed(1))
+    assert torch.equal(other_seed, out) != stochastic  # the generator drives the per-step noise, and only that
 
 
 def test_scheduler_errors_are_typed():
