@@ -264,9 +264,16 @@ def test_texture_space_errors(tmp_path):
     np.savez(path, something=np.zeros(3))
     with pytest.raises(AssetError, match="not mean/tex_dir"):
         read_texture_space(path)
-    np.savez(path, mean=np.zeros(12), tex_dir=np.array([{"a": 1}], dtype=object))  # a pickle inside
-    with pytest.raises(AssetError, match="FLAME_texture.npz"):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (marker.touch, ())
+
+    np.savez(path, mean=np.zeros(12), tex_dir=np.array([Payload()], dtype=object))  # a pickle inside
+    with pytest.raises(AssetError, match=r"FLAME_texture\.npz is not a valid FLAME albedo space .*Object arrays"):
         read_texture_space(path)
+    assert not marker.exists()  # refused before anything was unpickled
     path.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(AssetError, match="FLAME_texture.npz is not a valid"):
         read_texture_space(path)

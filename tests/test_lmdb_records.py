@@ -92,7 +92,7 @@ def test_writer_reader_and_metadata(tmp_path):
     reader = RecordReader(path)
     assert len(reader) == 5 and reader.meta.complete and reader.meta.codes_layout == LAYOUT
     assert reader[3].name == "img03.png"
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="5"):
         reader[5]
     reader.close()
     env = lmdb.open(str(path), readonly=True, lock=False)
@@ -166,7 +166,8 @@ def test_missing_truncated_and_official_datasets_fail_clearly(tmp_path):
     write_dataset(path, n=4)
     data = (path / "data.mdb").read_bytes()
     (path / "data.mdb").write_bytes(data[: len(data) // 3])
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match=r"ds.lmdb is truncated \(data.mdb is shorter than its own index says\); "
+                                         "re-create it"):
         reader = RecordReader(path)
         [reader[i] for i in range(len(reader))]
     official = tmp_path / "official.lmdb"
@@ -186,7 +187,7 @@ def test_corrupt_record_fails_clearly(tmp_path):
         txn.put(sample_key(1), b"garbage")
     env.close()
     reader = RecordReader(path)
-    reader[0]
+    assert reader[0].name == "img00.png"  # the intact record still reads
     with pytest.raises(DataError, match="corrupt"):
         reader[1]
 
@@ -194,21 +195,29 @@ def test_corrupt_record_fails_clearly(tmp_path):
 def test_datasets_yield_training_items(tmp_path):
     path = tmp_path / "ds.lmdb"
     write_dataset(path, n=4)
+    ref = sphere_sample(64, seed=2)
     for dataset in (LmdbDataset(path), AlbumDataset(path)):
+        assert len(dataset) == 4
         item = dataset[2]
         assert item["image"].shape == (3, 64, 64) and item["buffers"].shape == (9, 64, 64)
-        assert item["image"].min() >= -1 and item["image"].max() <= 1
-        assert item["codes"].shape == (236,)
-        ref = sphere_sample(64, seed=2)
+        # uint8 pixels mapped to [-1, 1] as the official loader does: x / 127.5 - 1
+        torch.testing.assert_close(item["image"], ref.image.float() / 127.5 - 1, rtol=0, atol=1e-6)
+        assert torch.equal(item["codes"], ref.codes)
         assert (item["buffers"] - ref.buffers).abs().max() < 1 / 255
 
 
 def test_lmdb_dataset_with_worker_processes(tmp_path):
     path = tmp_path / "ds.lmdb"
     write_dataset(path, n=6)
-    loader = DataLoader(LmdbDataset(path), batch_size=3, num_workers=2)
+    dataset = LmdbDataset(path)
+    loader = DataLoader(dataset, batch_size=3, num_workers=2)
     batches = list(loader)
     assert len(batches) == 2 and batches[0]["buffers"].shape == (3, 9, 64, 64)
+    # each worker opens its own handle and reads the right records, in order
+    for key in ("image", "buffers", "codes"):
+        expected = torch.stack([dataset[i][key] for i in range(6)])
+        assert torch.equal(torch.cat([batch[key] for batch in batches]), expected), key
+    assert not torch.equal(batches[0]["codes"][0], batches[0]["codes"][1])
 
 
 def test_sharding_across_two_processes_has_no_duplicates():

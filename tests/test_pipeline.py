@@ -185,7 +185,7 @@ def test_read_meanshape_refuses_code_in_pickles(tmp_path):
 
     evil = tmp_path / "evil.pkl"
     evil.write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(UnsafePickleError):
+    with pytest.raises(UnsafePickleError, match=r"evil.pkl names the global 'builtins.print'"):
         read_meanshape(evil)
 
 
@@ -475,6 +475,11 @@ def test_edit_and_call_arguments_of_the_wrong_kind(pipeline):
 def test_mean_shape_given_in_memory():
     import numpy as np
 
-    assert RigEditPipeline(tiny_model(), None, meanshape=np.ones(100, np.float32)).meanshape.shape == (1, 100)
+    values = np.linspace(-1, 1, 100)  # float64: stored as the float32 codes use
+    pipeline = RigEditPipeline(tiny_model(), None, meanshape=values)
+    assert pipeline.meanshape.dtype == torch.float32
+    assert torch.equal(pipeline.meanshape, torch.from_numpy(values).float()[None])
+    codes = pipeline.with_meanshape(random_codes(2, 0))
+    assert torch.equal(codes.shape, pipeline.meanshape.expand(2, -1))
     with pytest.raises(ValueError, match="100"):
         RigEditPipeline(tiny_model(), None, meanshape=torch.zeros(50))

@@ -205,8 +205,10 @@ def test_interpolate_face_attributes_is_barycentric_and_zero_outside():
     assert torch.allclose(image[0, 0][covered], (2 * cols + 1).float() / size - 1, atol=1e-5)
     assert torch.allclose(image[0, 1][covered], (2 * rows + 1).float() / size - 1, atol=1e-5)
     assert torch.all(image[0][:, ~covered] == 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"face_attributes must be \(B, F, 3, D\), got \(1, 1, 3\)"):
         interpolate_face_attributes(frags, attrs[..., 0])
+    with pytest.raises(ValueError, match="face_attributes batch 2 does not match fragments batch 1"):
+        interpolate_face_attributes(frags, attrs.expand(2, -1, -1, -1))
 
 
 def test_gradients_flow_to_vertices_through_barycentrics():
@@ -241,9 +243,13 @@ def test_sphere_at_1024_is_memory_safe_and_has_the_disc_area():
 def test_empty_mesh_and_bad_inputs():
     frags = rasterize(torch.zeros(2, 3, 3), torch.zeros(0, 3, dtype=torch.long), 4, 5)
     assert frags.pix_to_face.shape == (2, 4, 5) and torch.all(frags.pix_to_face == -1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"vertices must be \(B, V, 3\), got \(3, 3\)"):
         rasterize(torch.zeros(3, 3), torch.tensor([[0, 1, 2]]), 4, 4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="vertices must be floating point"):
+        rasterize(torch.zeros(1, 3, 3, dtype=torch.long), torch.tensor([[0, 1, 2]]), 4, 4)
+    with pytest.raises(ValueError, match=r"faces must be \(F, 3\) or \(B, F, 3\), got \(3,\)"):
         rasterize(torch.zeros(1, 3, 3), torch.tensor([0, 1, 2]), 4, 4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="faces batch 3 does not match vertices batch 2"):
+        rasterize(torch.zeros(2, 3, 3), torch.tensor([[[0, 1, 2]]] * 3), 4, 4)
+    with pytest.raises(ValueError, match="image size must be positive, got 0x4"):
         rasterize(torch.zeros(1, 3, 3), torch.tensor([[0, 1, 2]]), 0, 4)

@@ -61,7 +61,7 @@ def test_sh_shading_matches_the_closed_form():
     only_z[:, 3] = 1.5
     ramp = sh_shading(normals, only_z)
     assert torch.allclose(ramp, 1.5 * c[3] * normals[:, 2:3].expand(-1, 3, -1, -1))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"SH lights must be \(B, 9, 3\), got \(2, 4, 3\)"):
         sh_shading(normals, sh[:, :4])
 
 
@@ -103,7 +103,7 @@ def test_transform_points_follows_deca_s_render_orig():
     assert torch.equal(out[..., 2], points[..., 2])
     identity = transform_points(points, torch.eye(3)[None], [crop, crop], [crop, crop])
     assert torch.allclose(identity, points, atol=1e-6)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"points_scale must be square, got \(224, 225\)"):
         transform_points(points, tform, [crop, crop + 1])
 
 

@@ -129,7 +129,7 @@ def test_render_orig_maps_the_crop_into_the_original_frame(deca):
 
 
 def test_render_orig_needs_the_original_size(deca):
-    with pytest.raises(ValueError, match="size"):
+    with pytest.raises(ValueError, match=r"decode\(tform=...\) needs size=\(H, W\) of the original image"):
         deca.decode(plausible_codes(1), tform=torch.eye(3)[None])
 
 
