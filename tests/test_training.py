@@ -351,7 +351,15 @@ def test_tree_serialization_round_trip_has_no_pickle(tmp_path):
     back = load_tree(tmp_path / "t.safetensors")
     assert back["param_groups"] == tree["param_groups"] and back["$odd"] == tree["$odd"]
     assert set(back["state"]) == {0} and torch.equal(back["state"][0]["exp_avg"], tree["state"][0]["exp_avg"])
-    assert b"\x80\x04" not in (tmp_path / "t.safetensors").read_bytes()[:2]
+    # a plain safetensors file: 8-byte header length, a JSON header (the tree's structure as JSON
+    # metadata), then raw tensor bytes and nothing else, so no pickle anywhere
+    data = (tmp_path / "t.safetensors").read_bytes()
+    header_length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_length])
+    tensors = {key: entry for key, entry in header.items() if key != "__metadata__"}
+    assert set(header["__metadata__"]) == {"diffrig.tree"} and json.loads(header["__metadata__"]["diffrig.tree"])
+    assert len(data) == 8 + header_length + max(entry["data_offsets"][1] for entry in tensors.values())
+    assert sorted(entry["shape"] for entry in tensors.values()) == [[], [2, 3]]
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="damaged"):
         load_tree(tmp_path / "bad.safetensors")
