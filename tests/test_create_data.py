@@ -299,7 +299,7 @@ def test_resume_without_the_mean_shape_file_is_refused(truth, deca_dir, tmp_path
         return real_append(writer, records)
 
     monkeypatch.setattr(RecordWriter, "append_encoded", crash_after_first)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="simulated crash"):
         create_dataset(truth, output, image_size=16, use_meanshape=True, deca_dir=deca_dir, codes="ground_truth",
                        batch_size=1, device="cpu", num_workers=0, progress=False)
     (output / MEAN_SHAPE_FILE).unlink()
@@ -406,9 +406,17 @@ def test_encoding_in_worker_threads_writes_the_same_records(truth, deca_dir, tmp
     create_dataset(truth, tmp_path / "inline.lmdb", encode_workers=0, **options)
     create_dataset(truth, tmp_path / "pool.lmdb", encode_workers=2, **options)
     inline, pooled = samples(tmp_path / "inline.lmdb"), samples(tmp_path / "pool.lmdb")
-    assert [s.name for s in inline] == [s.name for s in pooled]
+    assert [s.name for s in inline] == [s.name for s in pooled] and len(inline) == len(PORTRAITS)
     for a, b in zip(inline, pooled):
         assert torch.equal(a.image, b.image) and torch.equal(a.buffers, b.buffers)
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.tform, b.tform)
+        assert torch.equal(a.codes, flat(face_codes(PORTRAITS.index(a.name))))
+
+    def records(path):
+        with lmdb.open(str(path), readonly=True, lock=False) as env, env.begin() as txn:
+            return {key: value for key, value in txn.cursor() if key.startswith(b"sample:")}
+
+    assert records(tmp_path / "inline.lmdb") == records(tmp_path / "pool.lmdb")  # byte for byte
 
 
 def test_png_photos_of_the_right_size_are_stored_as_their_files(truth, deca_dir, tmp_path):
