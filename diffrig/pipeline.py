@@ -84,7 +84,7 @@ def check_images(images, name: str = "images") -> None:
                              "divide [0, 255] photos by 255, map [-1, 1] ones with (x + 1) / 2")
 
 
-def _check_sampling_inputs(buffers, latent, start, latent_dim: int | None, start_name: str) -> None:
+def _check_sampling_inputs(buffers, latent, start, latent_dim: int, start_name: str) -> None:
     """Shapes that sampling and inversion need: buffers (B, 9, H, W), latent (B or 1, L), start (B, 3, H, W)."""
     for name, value in (("buffers", buffers), ("latent", latent), (start_name, start)):
         if not isinstance(value, torch.Tensor):
@@ -95,9 +95,8 @@ def _check_sampling_inputs(buffers, latent, start, latent_dim: int | None, start
     if start.shape != (batch, 3, height, width):
         raise ValueError(f"{start_name} must be ({batch}, 3, {height}, {width}) to match the buffers, "
                          f"got {tuple(start.shape)}")
-    size = latent_dim if latent_dim is not None else (latent.shape[-1] if latent.dim() else 0)
-    if latent.dim() != 2 or latent.shape[0] not in (1, batch) or latent.shape[1] != size:
-        shapes = f"({batch}, {size})" + (f" (or (1, {size}) for all)" if batch != 1 else "")
+    if latent.dim() != 2 or latent.shape[0] not in (1, batch) or latent.shape[1] != latent_dim:
+        shapes = f"({batch}, {latent_dim})" + (f" (or (1, {latent_dim}) for all)" if batch != 1 else "")
         raise ValueError(f"latent must be {shapes}, got {tuple(latent.shape)}; get it from encode_latent")
 
 
@@ -297,10 +296,6 @@ class RigEditPipeline:
     def image_size(self) -> int:
         return int(self.model.config.image_size)
 
-    @property
-    def _latent_dim(self) -> int | None:
-        return getattr(self.model.config, "latent_dim", None)
-
     def to(self, device: str | torch.device) -> RigEditPipeline:
         self.model.to(device)
         if self.deca is not None:
@@ -388,10 +383,11 @@ class RigEditPipeline:
         check_images(images)
         return self.model.encode_latent(images.to(self.device) * 2 - 1)
 
-    def noise(self, batch: int, seed: int = 0) -> torch.Tensor:
-        """The official noise: one seeded (1, 3, S, S) draw, shared by the whole batch -> (B, 3, S, S)."""
-        size = self.image_size
-        return diffusion.seeded_noise((1, 3, size, size), seed, device=self.device).expand(batch, -1, -1, -1)
+    def noise(self, batch: int, seed: int = 0, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The official noise: one seeded (1, 3, H, W) draw (default: the model's size), shared by the
+        whole batch -> (B, 3, H, W)."""
+        height, width = size or (self.image_size, self.image_size)
+        return diffusion.seeded_noise((1, 3, height, width), seed, device=self.device).expand(batch, -1, -1, -1)
 
     @torch.no_grad()
     def generate(self, buffers: torch.Tensor, latent: torch.Tensor, noise: torch.Tensor | None = None,
@@ -408,10 +404,9 @@ class RigEditPipeline:
         ("ddim20" = 20 steps; ``timestep_respacing`` overrides ``num_inference_steps``); other
         names pick a diffusers scheduler (:data:`diffrig.diffusion.SCHEDULER_ALIASES`).
         """
-        if noise is None and isinstance(buffers, torch.Tensor) and buffers.dim() == 4:  # as noise(), at their size
-            noise = diffusion.seeded_noise((1, 3, *buffers.shape[2:]), seed, device=self.device).expand(
-                buffers.shape[0], -1, -1, -1)
-        _check_sampling_inputs(buffers, latent, noise, self._latent_dim, "noise")
+        if noise is None and isinstance(buffers, torch.Tensor) and buffers.dim() == 4:
+            noise = self.noise(buffers.shape[0], seed, size=tuple(buffers.shape[2:]))
+        _check_sampling_inputs(buffers, latent, noise, self.model.config.latent_dim, "noise")
         buffers, latent, noise = buffers.to(self.device), latent.to(self.device), noise.to(self.device)
         if generator is None:
             generator = torch.Generator().manual_seed(int(seed))
@@ -428,7 +423,7 @@ class RigEditPipeline:
                progress: bool = False) -> torch.Tensor:
         """DDIM inversion of images (B, 3, S, S) in [0, 1] under their buffers -> x_T (B, 3, S, S)."""
         check_images(images)
-        _check_sampling_inputs(buffers, latent, images, self._latent_dim, "images")
+        _check_sampling_inputs(buffers, latent, images, self.model.config.latent_dim, "images")
         if self._graphs_on(images.to(self.device)):
             return self._graphed(ddim_invert_loop, images.to(self.device) * 2 - 1, buffers.to(self.device),
                                  latent.to(self.device), self._steps(num_inference_steps, timestep_respacing))

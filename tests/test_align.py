@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from diffrig.data.align import AlignSummary, align_face, align_folder, align_photo, aligned_coordinates, ffhq_quad, main
+from diffrig.data.align import (AlignSummary, align_face, align_folder, align_photo, aligned_coordinates, ffhq_quad,
+                                main, read_rejected)
 from diffrig.data.images import ImageRejected, load_rgb, to_rgb
 from diffrig.errors import DataError
 
@@ -257,6 +258,7 @@ def test_folder_summary_and_rejected_list(album):
     lines = (output / "rejected.txt").read_text().splitlines()
     assert sorted(line.split("\t")[0] for line in lines) == sorted(REJECTED)
     assert all(line.count("\t") == 1 for line in lines)
+    assert read_rejected(output) == set(REJECTED) and read_rejected(output / "nothing") == set()
     assert str(summary) == f"aligned {len(expected)}, rejected {len(REJECTED)} (see {output / 'rejected.txt'})"
 
 

@@ -277,6 +277,14 @@ def _save_png(image: Image.Image, target: Path) -> None:
     write_atomically(target, lambda stream: image.save(stream, format="PNG"))
 
 
+def read_rejected(output: Path) -> set[str]:
+    """The file names listed in ``output/rejected.txt`` (none when there is no such file)."""
+    listing = output / REJECTED_FILE
+    if not listing.is_file():
+        return set()
+    return {line.split("\t", 1)[0] for line in listing.read_text(encoding="utf-8").splitlines() if line}
+
+
 def write_rejected(output: Path, rejected: list[tuple[str, str]]) -> Path | None:
     """``output/rejected.txt``: one ``name<TAB>reason`` line per file; removed when none was."""
     listing = output / REJECTED_FILE

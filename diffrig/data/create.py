@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from diffrig.atomic import write_atomically
 from diffrig.cliargs import check_device, str2bool
-from diffrig.data.align import MIN_FACE, REJECTED_FILE, write_rejected
+from diffrig.data.align import MIN_FACE, read_rejected, write_rejected
 from diffrig.data.crop import CROP_SIZE, crop_images, crop_transform, resize_matrix, resize_transform
 from diffrig.data.images import ImageRejected, load_rgb
 from diffrig.data.lmdb_store import DatasetMeta, RecordWriter
@@ -412,9 +412,7 @@ def create_dataset(data_dir: str | Path, output_dir: str | Path, image_size: int
 
 def _check_nothing_new(writer: RecordWriter, output: Path, data_dir: Path, names: list[str]) -> None:
     """A finished dataset is never extended: refuse photos it neither holds nor rejected."""
-    listing = output / REJECTED_FILE
-    rejected = ({line.split("\t", 1)[0] for line in listing.read_text(encoding="utf-8").splitlines()}
-                if listing.is_file() else set())
+    rejected = read_rejected(output)
     new = [name for name in names if name not in rejected and not writer.has(name)]
     if new:
         raise DataError(f"{output} is a finished dataset of {writer.count} samples and does not hold {len(new)} "

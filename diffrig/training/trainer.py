@@ -35,10 +35,10 @@ from diffrig.models import DiffusionRigModel
 from diffrig.training.checkpoint import (
     checkpoint_name,
     list_checkpoints,
-    run_on_every_process,
     load_checkpoint,
     read_trainer_state,
     resolve_resume,
+    run_on_every_process,
     save_checkpoint,
 )
 from diffrig.training.config import TrainConfig, save_config
