@@ -1,11 +1,11 @@
-"""The UNet's GroupNorm and nearest upsampling: same values as torch's, in the input's memory layout."""
+"""The UNet's GroupNorm, nearest upsampling and skip concatenation: torch's values, in the input's memory layout."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from diffrig.models import DiffusionRigModel
-from diffrig.models.blocks import group_norm, upsample_nearest_2x
+from diffrig.models.blocks import concat_channels, group_norm, upsample_nearest_2x
 
 CHANNELS_LAST = torch.channels_last
 
@@ -53,6 +53,22 @@ def test_upsample_matches_interpolate_and_keeps_layout(channels_last):
     grad_out = torch.randn(2, 8, 6, 10)
     torch.testing.assert_close(torch.autograd.grad((out * grad_out).sum(), x)[0],
                                torch.autograd.grad((ref * grad_out).sum(), x)[0])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_concat_channels_matches_cat_and_hands_back_dense_gradients(channels_last):
+    torch.manual_seed(0)
+    fmt = CHANNELS_LAST if channels_last else torch.contiguous_format
+    first = torch.randn(2, 6, 5, 4).contiguous(memory_format=fmt).requires_grad_(True)
+    second = torch.randn(2, 10, 5, 4).contiguous(memory_format=fmt).requires_grad_(True)
+    out = concat_channels(first, second)
+    assert torch.equal(out, torch.cat([first, second], dim=1))
+    grad = torch.randn(2, 16, 5, 4).contiguous(memory_format=fmt)
+    out.backward(grad)
+    assert torch.equal(first.grad, grad[:, :6]) and torch.equal(second.grad, grad[:, 6:])
+    for g in (first.grad, second.grad):  # a channel slice of a channels_last tensor is not dense
+        assert g.is_contiguous(memory_format=fmt)
+    assert layout(first.grad) == layout(first)
 
 
 def test_channels_last_model_gives_the_same_noise_prediction():

@@ -31,7 +31,7 @@ from diffrig.training.data import ResumableBatches, close_dataset
 from diffrig.training.model_source import load_model
 from diffrig.training.objective import DiffusionObjective
 from diffrig.training.serialization import load_tree, save_tree
-from diffrig.training.step import build_training
+from diffrig.training.step import FAST_COMPILE_OPTIONS, build_training, compile_options
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -470,6 +470,29 @@ def test_paper_configs_hold_the_official_settings():
     stage2 = load_config(CONFIGS / "stage2_256.yaml")
     assert (stage2.stage, stage2.lr, stage2.batch_size, stage2.max_steps) == (2, 1e-5, 4, 5000)
     assert stage2.freeze_encoder and not stage2.freeze_encoder_batchnorm
+
+
+def test_compile_options_follow_the_mode_and_fast_compile():
+    assert compile_options("default", False) == {}
+    assert compile_options("reduce-overhead", False) == {"triton.cudagraphs": True}
+    fast = compile_options("reduce-overhead", True)
+    assert fast == {"triton.cudagraphs": True, **FAST_COMPILE_OPTIONS}
+    assert fast["triton.autotune_pointwise"] is False and fast["loop_ordering_after_fusion"] is False
+    assert compile_options("max-autotune", True)["max_autotune"] is True
+    with pytest.raises(DiffrigError, match="unknown compile_mode 'fastest'"):
+        compile_options("fastest", True)
+    stage2 = load_config(CONFIGS / "stage2_256.yaml")
+    assert stage2.compile and stage2.fast_compile and stage2.compile_mode == "reduce-overhead"
+    assert not load_config(CONFIGS / "stage1_256.yaml").fast_compile  # a long run: every step counts
+
+
+def test_compiled_step_marks_cuda_graph_steps_only_in_graph_modes(dataset_dir, tmp_path):
+    accelerator = Accelerator(cpu=True)
+    for mode, graphs in (("default", False), ("reduce-overhead", True)):
+        config = tiny(dataset_dir, tmp_path, compile=True, compile_mode=mode, fast_compile=True)
+        assert build_training(config, accelerator, tiny_model()).step.mark_cuda_graph_step is graphs
+    with pytest.raises(DiffrigError, match="unknown compile_mode"):
+        build_training(tiny(dataset_dir, tmp_path, compile=True, compile_mode="turbo"), accelerator, tiny_model())
 
 
 def test_config_overrides_coercion_and_errors(tmp_path):

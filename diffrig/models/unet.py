@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-from diffrig.models.blocks import GROUPS, AttentionBlock, Downsample, GroupNorm32, ResBlock, Upsample, zero_init
+from diffrig.models.blocks import (GROUPS, AttentionBlock, Downsample, GroupNorm32, ResBlock, Upsample,
+                                   concat_channels, zero_init)
 
 # guided-diffusion's per-resolution defaults, used when ``channel_mult`` is empty
 DEFAULT_CHANNEL_MULT = {
@@ -224,7 +225,7 @@ class DiffusionRigUNet(nn.Module):
 
         for block in self.up_blocks:
             for i, resnet in enumerate(block.resnets):
-                h = self._run(resnet, torch.cat([h, skips.pop()], dim=1), emb, latent)
+                h = self._run(resnet, concat_channels(h, skips.pop()), emb, latent)
                 if len(block.attentions):
                     h = self._run(block.attentions[i], h)
             if block.upsampler is not None:

@@ -22,14 +22,28 @@ import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from torch._functorch import config as functorch_config
+from torch._inductor import list_mode_options
 
 from diffrig.diffusion import NoiseSchedule, make_schedule
+from diffrig.errors import DiffrigError
 from diffrig.models import DiffusionRigModel
 from diffrig.training.config import TrainConfig
 from diffrig.training.ema import create_ema
 from diffrig.training.objective import DiffusionObjective
 
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+# Inductor options that cut compile time: a stage-2 run (5000 short steps) spends much of its time
+# compiling. Measured on an H200, stage 2: first step 184 s -> 138 s, 0.0332 -> 0.0331 s/step.
+FAST_COMPILE_OPTIONS = {"triton.autotune_pointwise": False, "loop_ordering_after_fusion": False}
+
+
+def compile_options(mode: str, fast: bool) -> dict:
+    """The Inductor options of torch.compile ``mode``, with :data:`FAST_COMPILE_OPTIONS` when ``fast``."""
+    try:
+        options = dict(list_mode_options(mode))
+    except (KeyError, RuntimeError):  # torch words an unknown mode as a RuntimeError from a KeyError
+        raise DiffrigError(f"unknown compile_mode {mode!r}: use default, reduce-overhead, max-autotune, "
+                           "max-autotune-no-cudagraphs") from None
+    return {**options, **FAST_COMPILE_OPTIONS} if fast else options
 
 
 class StepStats:
@@ -94,8 +108,9 @@ class TrainStep:
         if config.compile:
             # the min-cut partitioner's trade of recomputation for activation memory (1.0: its default)
             functorch_config.activation_memory_budget = config.activation_memory_budget
-        self.forward = torch.compile(objective, mode=config.compile_mode) if config.compile else objective
-        self.mark_cuda_graph_step = config.compile and config.compile_mode in CUDA_GRAPH_MODES
+        options = compile_options(config.compile_mode, config.fast_compile) if config.compile else {}
+        self.forward = torch.compile(objective, options=options) if config.compile else objective
+        self.mark_cuda_graph_step = bool(options.get("triton.cudagraphs"))
         fused = getattr(optimizer, "optimizer", optimizer).defaults.get("fused")
         self.skip_on_device = bool(fused) and accelerator.scaler is None and ema is None
 
