@@ -63,7 +63,7 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the model and loss")
     compile_mode: str = setting("default", "torch.compile mode: default, reduce-overhead, max-autotune, ...")
     fast_compile: bool = setting(
-        False, "with compile: skip Inductor's kernel tuning and loop reordering (compiles in about 2/3 of the time)")
+        False, "with compile: skip Inductor's kernel tuning and loop reordering (shorter compilation, same step time)")
     activation_memory_budget: float = setting(
         1.0, "with compile: below 1 recomputes cheap ops to keep fewer activations")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass to save memory")

@@ -31,8 +31,9 @@ from diffrig.training.config import TrainConfig
 from diffrig.training.ema import create_ema
 from diffrig.training.objective import DiffusionObjective
 
-# Inductor options that cut compile time: a stage-2 run (5000 short steps) spends much of its time
-# compiling. Measured on an H200, stage 2: first step 184 s -> 138 s, 0.0332 -> 0.0331 s/step.
+# Inductor options that cut compile time, which a stage-2 run (5000 short steps) is much of. Stage 2
+# on an H200, cold cache: first step 184 s with pointwise tuning off alone, 138 s with both off, at
+# 0.0332 and 0.0331 s/step; the whole 5000-step train() went from 6.7 to 5.8 minutes.
 FAST_COMPILE_OPTIONS = {"triton.autotune_pointwise": False, "loop_ordering_after_fusion": False}
 
 
