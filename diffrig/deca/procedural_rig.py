@@ -399,7 +399,7 @@ def _peak(displacement, millimetres):
 
 def _named_shapes(head: ProceduralHead) -> list[np.ndarray]:
     p = head.vertices
-    x, y, z = p[:, 0], p[:, 1], p[:, 2]
+    x, y = p[:, 0], p[:, 1]
     zero = np.zeros_like(x)
     mouth_y = head.vertices[head.grid_index[head.features.mouth_row, NUM_COLUMNS // 2], 1]
     eyes = head.features.eye_centres
