@@ -121,7 +121,7 @@ def test_hand_rig_numbers_as_separate_arguments_and_progress(cli, capsys, model_
                                      "target_without_face", "wrong_image_size", "missing_source", "batch_size_zero",
                                      "missing_cuda", "unknown_device", "ddpm_with_inversion", "unknown_scheduler",
                                      "meanshape_not_a_shape_file"])
-def test_bad_inputs_give_one_line_and_exit_1(cli, capsys, model_dir, tmp_path, problem):
+def test_bad_inputs_give_one_line_and_exit_1(cli, capsys, caplog, model_dir, tmp_path, problem):
     import torch
 
     source = picture(tmp_path / "dave.png", seed=6)
@@ -175,6 +175,7 @@ def test_bad_inputs_give_one_line_and_exit_1(cli, capsys, model_dir, tmp_path, p
     assert code == 1
     assert stderr.count("\n") == 1 and stderr.startswith("error: ") and expected in stderr, stderr
     assert not (tmp_path / "out" / "dave_pose.png").exists()
+    assert "not used" not in caplog.text  # a model folder's own image size: the error alone, no warning first
 
 
 def test_real_photos_are_aligned_when_not_square(faces_dir, model_dir):
