@@ -495,6 +495,35 @@ def test_compiled_step_marks_cuda_graph_steps_only_in_graph_modes(dataset_dir, t
         build_training(tiny(dataset_dir, tmp_path, compile=True, compile_mode="turbo"), accelerator, tiny_model())
 
 
+def test_compiled_training_graph_can_be_served_from_the_autograd_cache(dataset_dir, tmp_path):
+    """A second run on the same machine skips re-tracing the joint graph only if AOTAutograd may
+    cache it: the UNet's concat_channels (a custom autograd function) must not make it bypass."""
+    cache = pytest.importorskip("torch._functorch._aot_autograd.autograd_cache")
+    functorch_config = torch._functorch.config
+    if not hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):
+        pytest.skip("this torch has no switch for custom autograd functions in its cache")
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with functorch_config.patch(autograd_cache_allow_custom_autograd_functions=False):
+        config = tiny(dataset_dir, tmp_path, compile=True)
+        parts = build_training(config, Accelerator(cpu=True), tiny_model())
+        assert functorch_config.autograd_cache_allow_custom_autograd_functions
+        image = torch.rand(2, 3, 32, 32) * 2 - 1
+        loss = torch.compile(parts.objective, backend=capture, fullgraph=True)(
+            image, torch.rand(2, 9, 32, 32), torch.tensor([3, 700]), torch.randn_like(image))
+        loss.mean().backward()
+        (graph,) = graphs
+        assert any("autograd_function_apply" in str(node.target) for node in graph.graph.nodes)
+        cache.check_cacheable(graph)
+        functorch_config.autograd_cache_allow_custom_autograd_functions = False
+        with pytest.raises(cache.BypassAOTAutogradCache, match="autograd_function_apply"):
+            cache.check_cacheable(graph)
+
+
 def test_config_overrides_coercion_and_errors(tmp_path):
     config = load_config(CONFIGS / "tiny_cpu.yaml", {"lr": "2e-4", "ema": "true", "max_steps": "7",
                                                      "model": {"latent_dim": 8}})

@@ -37,6 +37,19 @@ from diffrig.training.objective import DiffusionObjective
 FAST_COMPILE_OPTIONS = {"triton.autotune_pointwise": False, "loop_ordering_after_fusion": False}
 
 
+def allow_cached_custom_functions() -> None:
+    """Let AOTAutograd's on-disk cache hold graphs with custom autograd functions.
+
+    Torch leaves such graphs out of that cache by default, because a custom function could depend
+    on Python state that its traced graph does not show. The one in our model
+    (:func:`diffrig.models.blocks.concat_channels`) is pure tensor code, traced whole into the
+    graph that the cache key hashes. Without this, a run whose Inductor cache is warm (a second
+    stage-2 fine-tune on the same machine) still re-traces and re-partitions the whole joint graph.
+    """
+    if hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):  # absent from older torch
+        functorch_config.autograd_cache_allow_custom_autograd_functions = True
+
+
 def compile_options(mode: str, fast: bool) -> dict:
     """The Inductor options of torch.compile ``mode``, with :data:`FAST_COMPILE_OPTIONS` when ``fast``."""
     try:
@@ -109,6 +122,7 @@ class TrainStep:
         if config.compile:
             # the min-cut partitioner's trade of recomputation for activation memory (1.0: its default)
             functorch_config.activation_memory_budget = config.activation_memory_budget
+            allow_cached_custom_functions()
         options = compile_options(config.compile_mode, config.fast_compile) if config.compile else {}
         self.forward = torch.compile(objective, options=options) if config.compile else objective
         self.mark_cuda_graph_step = bool(options.get("triton.cudagraphs"))
