@@ -593,7 +593,7 @@ def test_two_processes_shard_the_data_and_write_one_checkpoint(dataset_dir, tmp_
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("finished at step 4") == 1  # the main process reports, once
+    assert (done.stdout + done.stderr).count("finished at step 4") == 1  # the main process reports, once
     checkpoints = list_checkpoints(output / "checkpoints")
     assert [p.name for p in checkpoints] == ["checkpoint-000002", "checkpoint-000004"]
     for path in checkpoints:

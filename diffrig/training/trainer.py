@@ -246,7 +246,7 @@ def _run(config, accelerator, model, dataset, resume_dir, resumed, show_progress
                 save()
                 result.interrupted = True
                 if main:
-                    logger.info("stopped by %s at step %d; continue with --resume latest (%s)",
+                    logger.debug("stopped by %s at step %d; continue with --resume latest (%s)",
                                 stop.signal_name or "a signal", step, result.checkpoint)
                 break
             if config.checkpoint_every and step % config.checkpoint_every == 0:
@@ -269,7 +269,7 @@ def _run(config, accelerator, model, dataset, resume_dir, resumed, show_progress
             raise CheckpointError(f"could not write the trained model to {output} ({failure}); the same "
                                   f"weights are in {result.checkpoint / 'model'}")
         if main:
-            logger.info("training finished at step %d; model written to %s", step, output / "model")
+            logger.debug("training finished at step %d; model written to %s", step, output / "model")
         result.model_dir = output / "model"
     return result
 
