@@ -237,7 +237,7 @@ def read_landmark_embedding(path: PathArg) -> dict[str, np.ndarray]:
 
 def write_landmark_embedding(path: PathArg, embedding: Mapping[str, Any]) -> None:
     """Write ``landmark_embedding.npy`` as DECA ships it: the same keys, types (NumPy or torch),
-    dtypes and pickle globals, so ``np.load(allow_pickle=True)`` in DECA reads it unchanged."""
+    dtypes and pickle globals, so DECA's own pickle-enabled NumPy loader reads it unchanged."""
     import torch
 
     missing = [key for key in LANDMARK_KEYS if key not in embedding]

@@ -247,7 +247,7 @@ def _run(config, accelerator, model, dataset, resume_dir, resumed, show_progress
                 result.interrupted = True
                 if main:
                     logger.debug("stopped by %s at step %d; continue with --resume latest (%s)",
-                                stop.signal_name or "a signal", step, result.checkpoint)
+                                 stop.signal_name or "a signal", step, result.checkpoint)
                 break
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 save()
