@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from diffrig import diffusion
 from diffrig.atomic import write_atomically
@@ -315,26 +315,43 @@ class RigEditPipeline:
         "ground_truth" (a synthetic portrait's ``x.codes.safetensors`` sidecar).
         Returns the portraits (None when no photo could be used) and (path, reason) per rejected photo.
         """
-        images, tforms, flat_codes, names, failures = [], [], [], [], []
+        _check_align(align)
+        prepared, failures = [], []
         for path in paths:
             try:
-                image, tform, flat = load_photo(path, self.image_size, align, codes)
+                prepared.append((Path(path).stem, *load_photo(path, self.image_size, align, codes)))
             except DiffrigError as error:
                 failures.append((str(path), getattr(error, "reason", str(error))))
-                continue
-            images.append(image)
-            tforms.append(tform)
-            flat_codes.append(flat)
-            names.append(Path(path).stem)
-        if not images:
-            return None, failures
+        return self._portraits_of(prepared), failures
+
+    def read_images(self, images: Sequence[Image.Image], names: Sequence[str] | None = None, align: str = "auto",
+                    ) -> tuple[Portraits | None, list[tuple[str, str]]]:
+        """:meth:`read_photos` for pictures already in memory (PIL images; DECA codes, dlib's
+        landmarks). ``names`` (default "0000", "0001", ...) name the portraits and the failures."""
+        names = [f"{i:04d}" for i in range(len(images))] if names is None else [str(name) for name in names]
+        if len(names) != len(images):
+            raise ValueError(f"{len(images)} images but {len(names)} names")
+        _check_align(align)
+        prepared, failures = [], []
+        for image, name in zip(images, names):
+            try:
+                prepared.append((name, *prepare_image(image, self.image_size, align, name), None))
+            except DiffrigError as error:
+                failures.append((name, getattr(error, "reason", str(error))))
+        return self._portraits_of(prepared), failures
+
+    def _portraits_of(self, prepared: list[tuple]) -> Portraits | None:
+        """Portraits of (name, image, tform, flat codes or None) tuples: DECA encodes those without codes."""
+        if not prepared:
+            return None
+        names, images, tforms, flat_codes = zip(*prepared)
         images = torch.stack(images).to(self.device)
         tforms = torch.stack(tforms).to(self.device)
-        if codes == "ground_truth":
+        if all(flat is not None for flat in flat_codes):
             rig = RigCodes.from_flat(torch.stack(flat_codes).to(self.device))
         else:
             rig = self.encode(images, tforms)
-        return Portraits(images, rig, tforms, names), failures
+        return Portraits(images, rig, tforms, list(names))
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, tforms: torch.Tensor) -> RigCodes:
@@ -494,9 +511,9 @@ class RigEditPipeline:
                  align: str = "auto", codes: str = "deca", **sampling) -> EditResult:
         """diffusers style: ``pipe("me.jpg", target="them.jpg", modes="pose light")``.
 
-        source, target: :class:`Portraits`, or a photo path or a list of them (read with
-        :meth:`read_photos`; a photo that cannot be used raises DataError). ``sampling``: keyword
-        arguments of :meth:`edit`.
+        source, target: :class:`Portraits`, a photo path or a list of them (read with
+        :meth:`read_photos`), or a PIL image or a list of them (read with :meth:`read_images`); a
+        photo that cannot be used raises DataError. ``sampling``: keyword arguments of :meth:`edit`.
         """
         return self.edit(self._portraits(source, align, codes), self._portraits(target, align, codes), modes, rig,
                          **sampling)
@@ -504,11 +521,14 @@ class RigEditPipeline:
     def _portraits(self, photos, align: str, codes: str) -> Portraits | None:
         if photos is None or isinstance(photos, Portraits):
             return photos
-        paths = [photos] if isinstance(photos, (str, Path)) else photos
-        if not isinstance(paths, (list, tuple)) or not all(isinstance(p, (str, Path)) for p in paths):
-            raise TypeError(f"photos must be Portraits, a photo path or a list of paths, got {type(photos).__name__}; "
-                            "for images already in memory build Portraits(images, codes, tforms)")
-        portraits, failures = self.read_photos(paths, align, codes)
+        items = [photos] if isinstance(photos, (str, Path, Image.Image)) else photos
+        if isinstance(items, (list, tuple)) and items and all(isinstance(p, Image.Image) for p in items):
+            portraits, failures = self.read_images(items, align=align)
+        elif isinstance(items, (list, tuple)) and all(isinstance(p, (str, Path)) for p in items):
+            portraits, failures = self.read_photos(items, align, codes)
+        else:
+            raise TypeError(f"photos must be Portraits, a photo path, a PIL image, or a list of paths or of images, "
+                            f"got {type(photos).__name__}")
         if failures:
             raise DataError("; ".join(f"{path}: {reason}" for path, reason in failures))
         return portraits
@@ -628,33 +648,73 @@ def load_photo(path: str | Path, size: int, align: str = "auto", codes: str = "d
     dlib, DECA's crop rule); others are FFHQ-aligned first. Raises DataError (ImageRejected)
     saying why a photo cannot be used.
     """
-    from diffrig.data.align import align_photo, aligned_coordinates
     from diffrig.data.create import CODES_SOURCES, CropInputs
-    from diffrig.data.crop import crop_transform
     from diffrig.data.images import ImageRejected, load_rgb
 
-    if align not in ALIGN_CHOICES:
-        raise DiffrigError(f"align must be one of {', '.join(ALIGN_CHOICES)}, got {align!r}")
+    _check_align(align)
     if codes not in CODES_SOURCES:
         raise DiffrigError(f"codes must be one of {', '.join(CODES_SOURCES)}, got {codes!r}")
     path = Path(path)
     image = load_rgb(path)
+    if not _taken_as_aligned(image, align, path):
+        if codes == "ground_truth":
+            raise ImageRejected(path, "ground-truth codes describe the photo as it is: it cannot be aligned again")
+        return (*_align(image, size, path), None)
+    item = CropInputs([path], [path.name], size, codes)[0]
+    if "reason" in item:
+        raise ImageRejected(path, item["reason"])
+    return item["image"].float() / 255.0, item["tform"], item["codes"]
+
+
+def prepare_image(image: Image.Image, size: int, align: str = "auto", name: str = "image"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A picture in memory as (image (3, size, size) in [0, 1], crop transform (3, 3)), the way
+    :func:`load_photo` reads a file (dlib's landmarks; there are no sidecars). ``name`` stands for
+    the picture in rejections (ImageRejected)."""
+    from diffrig.data.align import MIN_FACE
+    from diffrig.data.create import resized_crop_transform, square_pixels
+    from diffrig.data.images import to_rgb
+    from diffrig.data.landmarks import usable_faces
+
+    _check_align(align)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image, got {type(image).__name__}")
+    image = to_rgb(ImageOps.exif_transpose(image))
+    if not _taken_as_aligned(image, align, name):
+        return _align(image, size, name)
+    landmarks = usable_faces(image, MIN_FACE, name)[0].landmarks
+    tform = resized_crop_transform(landmarks, image.size, size, name)
+    return square_pixels(image, size).float() / 255.0, tform.float()
+
+
+def _check_align(align: str) -> None:
+    if align not in ALIGN_CHOICES:
+        raise DiffrigError(f"align must be one of {', '.join(ALIGN_CHOICES)}, got {align!r}")
+
+
+def _taken_as_aligned(image: Image.Image, align: str, source: str | Path) -> bool:
+    """Whether a picture is used as it is (square, and ``align`` is not "always"); ImageRejected
+    when ``align`` is "never" and it is not square."""
+    from diffrig.data.images import ImageRejected
+
     square = image.width == image.height
     if align == "never" and not square:
-        raise ImageRejected(path, f"wrong image size {image.width}x{image.height}: not an aligned (square) "
-                                  "photo; align it first (scripts/align.py) or let it be aligned")
-    if square and align != "always":
-        item = CropInputs([path], [path.name], size, codes)[0]
-        if "reason" in item:
-            raise ImageRejected(path, item["reason"])
-        return item["image"].float() / 255.0, item["tform"], item["codes"]
-    if codes == "ground_truth":
-        raise ImageRejected(path, "ground-truth codes describe the photo as it is: it cannot be aligned again")
-    aligned = align_photo(path, output_size=size, transform_size=4 * size)  # 4x: as good as FFHQ's 4096, faster
+        raise ImageRejected(source, f"wrong image size {image.width}x{image.height}: not an aligned (square) "
+                                    "photo; align it first (scripts/align.py) or let it be aligned")
+    return square and align != "always"
+
+
+def _align(image: Image.Image, size: int, source: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """FFHQ-align a picture: (image (3, size, size) in [0, 1], crop transform (3, 3))."""
+    from diffrig.data.align import align_image, aligned_coordinates
+    from diffrig.data.crop import crop_transform
+
+    # a 4x transform size: as good as FFHQ's 4096, and faster
+    aligned = align_image(image, output_size=size, transform_size=4 * size, source=source)
     landmarks = aligned_coordinates(aligned.face.landmarks, aligned.face.landmarks, size)
     tform = crop_transform(torch.from_numpy(landmarks)[None])[0].float()
     pixels = torch.from_numpy(np.asarray(aligned.image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return pixels.contiguous(), tform, None
+    return pixels.contiguous(), tform
 
 
 @dataclass

@@ -199,6 +199,32 @@ def test_real_photos_are_aligned_when_not_square(faces_dir, model_dir):
     assert len(failures) == 1 and "wrong image size 1480x832" in failures[0][1]
 
 
+def test_photos_in_memory_are_read_as_their_files_are(faces_dir, model_dir):
+    import torch
+
+    from diffrig.pipeline import RigEditPipeline
+    from diffrig.rigs import HandRig
+
+    pipeline = RigEditPipeline.from_pretrained(model_dir, deca_dir="builtin")
+    files = [faces_dir / "album_obama" / "obama1.jpg", faces_dir / "portraits" / "alfw1.png"]  # aligned first; as is
+    from_files, _ = pipeline.read_photos(files)
+    blank = Image.new("RGB", (300, 300), (128, 128, 128))
+    with Image.open(files[0]) as wide, Image.open(files[1]) as square:
+        in_memory, failures = pipeline.read_images([wide, blank, square], names=["wide", "blank", "square"])
+        assert failures == [("blank", "no face found")]
+        assert in_memory.names == ["wide", "square"]
+        torch.testing.assert_close(in_memory.images, from_files.images)
+        torch.testing.assert_close(in_memory.tforms, from_files.tforms)
+        torch.testing.assert_close(in_memory.codes.flat(), from_files.codes.flat())
+        _, failures = pipeline.read_images([wide], align="never")
+        assert failures == [("0000", "wrong image size 1480x832: not an aligned (square) photo; align it first "
+                                     "(scripts/align.py) or let it be aligned")]
+        result = pipeline(square, rig=HandRig(jaw=5), num_inference_steps=2)
+    assert result.sources.names == ["0000"] and result.edits["rig"].shape == (1, 3, S, S)
+    with pytest.raises(TypeError, match="PIL image"):
+        pipeline(np.zeros((S, S, 3), dtype=np.uint8), rig=HandRig(jaw=5))
+
+
 def test_pipeline_call_reads_photo_paths(model_dir, tmp_path):
     from diffrig.errors import DataError
     from diffrig.pipeline import RigEditPipeline

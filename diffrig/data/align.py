@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from diffrig.atomic import write_atomically
 from diffrig.data.images import MIN_IMAGE_SIDE, ImageRejected, load_rgb
-from diffrig.data.landmarks import Face, detect_faces
+from diffrig.data.landmarks import Face, usable_faces
 from diffrig.errors import DataError, DiffrigError
 
 logger = logging.getLogger(__name__)
@@ -166,16 +166,17 @@ def align_photo(path: str | Path, output_size: int = OUTPUT_SIZE, transform_size
     Raises ``ImageRejected`` (a ``DataError`` with a short ``reason``) when the file is not a usable
     image, has no face, or its largest face is under ``min_face`` pixels wide.
     """
-    image = load_rgb(path, min_side=min_side)
-    faces = detect_faces(image)
-    if not faces:
-        raise ImageRejected(path, "no face found")
+    return align_image(load_rgb(path, min_side=min_side), output_size, transform_size, min_face, source=path)
+
+
+def align_image(image: Image.Image, output_size: int = OUTPUT_SIZE, transform_size: int = TRANSFORM_SIZE,
+                min_face: float = MIN_FACE, source: str | Path = "image") -> AlignedPhoto:
+    """FFHQ-align the largest face of an upright RGB picture; ``source`` names it in rejections and logs."""
+    faces = usable_faces(image, min_face, source)
     face = faces[0]
     if len(faces) > 1:
         logger.info("%s: %d faces found, using the largest (%.0f px wide, at x=%.0f y=%.0f)",
-                    path, len(faces), face.width, face.box[0], face.box[1])
-    if face.width < min_face:
-        raise ImageRejected(path, f"face too small: {face.width:.0f} px wide (needs at least {min_face:g} px)")
+                    source, len(faces), face.width, face.box[0], face.box[1])
     return AlignedPhoto(align_face(image, face.landmarks, output_size, transform_size), face, len(faces))
 
 

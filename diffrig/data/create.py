@@ -188,9 +188,7 @@ class CropInputs(Dataset):
         if image.width != image.height:
             raise ImageRejected(path, f"not square ({image.width}x{image.height} px): align the photos "
                                       "first with scripts/align.py")
-        source_size = image.size
-        resized = image if image.size == (size, size) else image.resize((size, size), Image.Resampling.LANCZOS)
-        pixels = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        pixels = square_pixels(image, size)
         same_pixels = image.size == (size, size) and path.suffix.lower() == ".png"
         png = plain_png(path.read_bytes(), size) if same_pixels else None  # a second read, of PNGs only
         codes = None
@@ -199,11 +197,7 @@ class CropInputs(Dataset):
         if name in self.tforms:
             tform = self.tforms[name]
         elif codes is None:
-            to_resized = resize_matrix(source_size, (size, size)).numpy()
-            landmarks = self._landmarks(path, image) @ to_resized[:2, :2].T + to_resized[:2, 2]
-            tform = crop_transform(torch.from_numpy(landmarks)[None])[0]
-            if not torch.isfinite(tform).all():
-                raise ImageRejected(path, "the landmarks span no area: cannot crop the face")
+            tform = resized_crop_transform(self._landmarks(path, image), image.size, size, path)
         return {"image": pixels, "tform": tform.float(), "codes": codes, "png": png}
 
     def _landmarks(self, path: Path, image: Image.Image) -> np.ndarray:
@@ -211,15 +205,28 @@ class CropInputs(Dataset):
         points = sidecar_landmarks(path)
         if points is not None:
             return points
-        from diffrig.data.landmarks import detect_faces
+        from diffrig.data.landmarks import usable_faces
 
-        faces = detect_faces(image)
-        if not faces:
-            raise ImageRejected(path, "no face found")
-        if faces[0].width < self.min_face:
-            raise ImageRejected(path, f"face too small: {faces[0].width:.0f} px wide "
-                                      f"(needs at least {self.min_face:g} px)")
-        return faces[0].landmarks
+        return usable_faces(image, self.min_face, path)[0].landmarks
+
+
+def square_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """A square RGB picture as uint8 (3, size, size), resized with a Lanczos filter when needed."""
+    resized = image if image.size == (size, size) else image.resize((size, size), Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def resized_crop_transform(landmarks: np.ndarray, source_size: tuple[int, int], size: int,
+                           source: str | Path) -> torch.Tensor:
+    """DECA's crop transform (3, 3) of a picture resized from ``source_size`` (W, H) to ``size``², from
+    its landmarks (N, 2) in the source's pixels. Raises ``ImageRejected`` naming ``source`` when the
+    landmarks span no area."""
+    to_resized = resize_matrix(source_size, (size, size)).numpy()
+    landmarks = landmarks @ to_resized[:2, :2].T + to_resized[:2, 2]
+    tform = crop_transform(torch.from_numpy(landmarks)[None])[0]
+    if not torch.isfinite(tform).all():
+        raise ImageRejected(source, "the landmarks span no area: cannot crop the face")
+    return tform
 
 
 @dataclass

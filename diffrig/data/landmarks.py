@@ -14,10 +14,12 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from diffrig.data.images import ImageRejected
 from diffrig.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -100,3 +102,17 @@ def detect_faces(image: Image.Image | np.ndarray, max_side: int = MAX_DETECT_SID
         landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
         faces.append(Face(box=(left, top, right, bottom), landmarks=landmarks))
     return sorted(faces, key=lambda face: face.area, reverse=True)
+
+
+def usable_faces(image: Image.Image, min_face: float, source: str | Path) -> list[Face]:
+    """:func:`detect_faces`, largest first, when the largest is at least ``min_face`` pixels wide.
+
+    Raises ``ImageRejected`` naming ``source`` (a file, or a name for a picture in memory) when
+    there is no face or the largest is too small.
+    """
+    faces = detect_faces(image)
+    if not faces:
+        raise ImageRejected(source, "no face found")
+    if faces[0].width < min_face:
+        raise ImageRejected(source, f"face too small: {faces[0].width:.0f} px wide (needs at least {min_face:g} px)")
+    return faces
