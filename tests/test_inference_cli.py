@@ -210,8 +210,9 @@ def test_photos_in_memory_are_read_as_their_files_are(faces_dir, model_dir):
     from_files, _ = pipeline.read_photos(files)
     blank = Image.new("RGB", (300, 300), (128, 128, 128))
     with Image.open(files[0]) as wide, Image.open(files[1]) as square:
-        in_memory, failures = pipeline.read_images([wide, blank, square], names=["wide", "blank", "square"])
-        assert failures == [("blank", "no face found")]
+        tiny = square.resize((40, 40))
+        in_memory, failures = pipeline.read_images([wide, blank, square, tiny], names=["wide", "blank", "square", "tiny"])
+        assert failures == [("blank", "no face found"), ("tiny", "too small: 40x40 px (needs at least 64 px on each side)")]
         assert in_memory.names == ["wide", "square"]
         torch.testing.assert_close(in_memory.images, from_files.images)
         torch.testing.assert_close(in_memory.tforms, from_files.tforms)

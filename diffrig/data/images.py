@@ -59,10 +59,15 @@ def load_rgb(path: str | Path, min_side: int = MIN_IMAGE_SIDE,
         rgb = to_rgb(image, background)
     except (ValueError, OSError, ImageCms.PyCMSError) as error:
         raise ImageRejected(path, f"unsupported colour mode {image.mode} ({error})") from None
-    if min(rgb.size) < min_side:
-        raise ImageRejected(path, f"too small: {rgb.width}x{rgb.height} px "
-                                  f"(needs at least {min_side} px on each side)")
+    check_side(rgb, min_side, path)
     return rgb
+
+
+def check_side(image: Image.Image, min_side: int, source: str | Path) -> None:
+    """Refuse (ImageRejected naming ``source``) a picture with a side shorter than ``min_side`` pixels."""
+    if min(image.size) < min_side:
+        raise ImageRejected(source, f"too small: {image.width}x{image.height} px "
+                                    f"(needs at least {min_side} px on each side)")
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
