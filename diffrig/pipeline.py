@@ -673,14 +673,13 @@ def prepare_image(image: Image.Image, size: int, align: str = "auto", name: str 
     the picture in rejections (ImageRejected)."""
     from diffrig.data.align import MIN_FACE
     from diffrig.data.create import resized_crop_transform, square_pixels
-    from diffrig.data.images import MIN_IMAGE_SIDE, check_side, to_rgb
+    from diffrig.data.images import usable_rgb
     from diffrig.data.landmarks import usable_faces
 
     _check_align(align)
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image, got {type(image).__name__}")
-    image = to_rgb(ImageOps.exif_transpose(image))
-    check_side(image, MIN_IMAGE_SIDE, name)
+    image = usable_rgb(ImageOps.exif_transpose(image), name)
     if not _taken_as_aligned(image, align, name):
         return _align(image, size, name)
     landmarks = usable_faces(image, MIN_FACE, name)[0].landmarks

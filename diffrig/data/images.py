@@ -55,19 +55,21 @@ def load_rgb(path: str | Path, min_side: int = MIN_IMAGE_SIDE,
         raise ImageRejected(path, f"too large to open safely ({error})") from None
     except Exception as error:  # decoders raise many types (OSError, SyntaxError, struct.error, ...)
         raise ImageRejected(path, f"unreadable ({type(error).__name__}: {error})") from None
+    return usable_rgb(image, path, min_side, background)
+
+
+def usable_rgb(image: Image.Image, source: str | Path, min_side: int = MIN_IMAGE_SIDE,
+               background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
+    """An upright picture as 8-bit RGB; ImageRejected naming ``source`` (a file, or a name for a
+    picture in memory) when its colour mode cannot be converted or a side is under ``min_side`` px."""
     try:
         rgb = to_rgb(image, background)
     except (ValueError, OSError, ImageCms.PyCMSError) as error:
-        raise ImageRejected(path, f"unsupported colour mode {image.mode} ({error})") from None
-    check_side(rgb, min_side, path)
-    return rgb
-
-
-def check_side(image: Image.Image, min_side: int, source: str | Path) -> None:
-    """Refuse (ImageRejected naming ``source``) a picture with a side shorter than ``min_side`` pixels."""
-    if min(image.size) < min_side:
-        raise ImageRejected(source, f"too small: {image.width}x{image.height} px "
+        raise ImageRejected(source, f"unsupported colour mode {image.mode} ({error})") from None
+    if min(rgb.size) < min_side:
+        raise ImageRejected(source, f"too small: {rgb.width}x{rgb.height} px "
                                     f"(needs at least {min_side} px on each side)")
+    return rgb
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
