@@ -277,10 +277,11 @@ class RigEditPipeline:
                         **architecture) -> RigEditPipeline:
         """Load a model (folder or official ``.pt``, see :func:`load_model`), a DECA folder
         (``"builtin"``, a path, or None for the default) and optionally a mean shape (a file for
-        :func:`read_meanshape`, or 100 values as a tensor or array)."""
+        :func:`read_meanshape`, or 100 values as a tensor or array). An ``image_size`` other than a
+        model folder's own is an error: the model edits photos of its own size only."""
         from diffrig.deca.rig import DECA
 
-        model = load_model(str(model_path), architecture)
+        model = load_model(str(model_path), architecture, must_match=("image_size",))
         deca = DECA.from_dir(deca_dir)
         if isinstance(meanshape, (str, Path)):
             meanshape = read_meanshape(meanshape)

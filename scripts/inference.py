@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
-from pathlib import Path
 
 from diffrig.cliargs import check_device, str2bool
 from diffrig.errors import DiffrigError
@@ -145,14 +144,8 @@ def run(args: argparse.Namespace) -> int:
     sources = list_photos(args.source)
 
     device = check_device(args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
-    # a model folder carries its architecture: a different --image_size is an error below, not a warning too
-    folder = Path(args.model_path).is_dir()
-    build_options = {k: v for k, v in architecture.items() if not (folder and k == "image_size")}
     pipeline = RigEditPipeline.from_pretrained(args.model_path, deca_dir=args.deca_dir, meanshape=args.meanshape,
-                                               device=device, **build_options)
-    if "image_size" in architecture and architecture["image_size"] != pipeline.image_size:
-        raise DiffrigError(f"wrong image size: the model edits {pipeline.image_size}x{pipeline.image_size} photos "
-                           f"but --image_size {architecture['image_size']} was given")
+                                               device=device, **architecture)
     pipeline.schedule = make_schedule(args.diffusion_steps)
     if device.startswith("cuda"):
         bf16 = args.precision == "bf16"  # channels-last pays off in bf16 (the layouts edit_speed.py measures)

@@ -226,6 +226,16 @@ def test_photos_in_memory_are_read_as_their_files_are(faces_dir, model_dir):
         pipeline(np.zeros((S, S, 3), dtype=np.uint8), rig=HandRig(jaw=5))
 
 
+def test_pipeline_refuses_another_image_size_for_a_model_folder(model_dir, caplog):
+    from diffrig.errors import CheckpointError
+    from diffrig.pipeline import RigEditPipeline
+
+    with pytest.raises(CheckpointError, match=f"wrong image size: the model in .* has image_size {S}, not 64"):
+        RigEditPipeline.from_pretrained(model_dir, deca_dir="builtin", image_size=64)
+    assert RigEditPipeline.from_pretrained(model_dir, deca_dir="builtin", image_size=S).image_size == S
+    assert "not used" not in caplog.text
+
+
 def test_pipeline_call_reads_photo_paths(model_dir, tmp_path):
     from diffrig.errors import DataError
     from diffrig.pipeline import RigEditPipeline
