@@ -8,6 +8,8 @@ adobe-research/diffusion-rig and times its ``TrainLoop`` step in the same proces
 GradScaler, Adam, clipping at 1.0, the per-step loss logging; without DDP on one GPU), then
 prints the ratios. End-to-end mode (``--end_to_end``) runs ``train()`` itself on a synthetic
 LMDB (an album for stage 2) and reports the wall time, checkpoints and sample grids included.
+With compilation on, both modes also report where the compilation time went (``compile_phases_s``:
+torch.compile's timed phases, which nest).
 
     # stage 1, the paper's 256² settings, batch 32, one GPU:
     python benchmarks/train_speed.py --preset paper --official_repo ../diffusion-rig
@@ -89,6 +91,14 @@ def time_steps(run_step, device, warmup: int, steps: int) -> dict:
     return {"warmup_s": warmup_s, "s_per_step": elapsed / steps, **memory_gib(device)}
 
 
+def compile_phases(min_seconds: float = 1.0) -> dict:
+    """Seconds spent so far in torch.compile's timed phases (Dynamo, AOTAutograd, Inductor) of at least
+    ``min_seconds``, longest first. The timers nest: a phase's time includes the phases it calls."""
+    names, values = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
+    phases = {name: round(float(value), 1) for name, value in zip(names, values) if float(value) >= min_seconds}
+    return dict(sorted(phases.items(), key=lambda item: -item[1]))
+
+
 def bench_ours(config, warmup: int, steps: int) -> dict:
     accelerator = make_accelerator(config, with_tracker=False)
     torch.manual_seed(0)
@@ -96,6 +106,8 @@ def bench_ours(config, warmup: int, steps: int) -> dict:
     batch = synthetic_batch(config.batch_size, config.model["image_size"], accelerator.device, config.channels_last)
     micro = [batch] * config.gradient_accumulation_steps
     result = time_steps(lambda: parts.step(micro), accelerator.device, warmup, steps)
+    if config.compile:
+        result["compile_phases_s"] = compile_phases()
     del parts
     torch._dynamo.reset()
     reset_memory(accelerator.device)
@@ -168,7 +180,10 @@ def end_to_end(config, steps: int) -> dict:
         start = time.perf_counter()
         result = train(run_config)
         elapsed = time.perf_counter() - start
-    return {"steps": result.step, "wall_s": elapsed, "wall_min": elapsed / 60}
+    report = {"steps": result.step, "wall_s": elapsed, "wall_min": elapsed / 60}
+    if config.compile:
+        report["compile_phases_s"] = compile_phases()
+    return report
 
 
 def main() -> None:
