@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffrig.models.dropout import Dropout
+
 GROUPS = 32
 
 
@@ -146,7 +148,7 @@ class ResBlock(nn.Module):
         self.time_emb_proj = nn.Linear(time_embed_dim, 2 * out_channels)
         self.latent_emb_proj = nn.Linear(latent_dim, 2 * out_channels)
         self.norm2 = GroupNorm32(out_channels)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         if up:
