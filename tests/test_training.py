@@ -31,7 +31,7 @@ from diffrig.training.data import ResumableBatches, close_dataset
 from diffrig.training.model_source import load_model
 from diffrig.training.objective import DiffusionObjective
 from diffrig.training.serialization import load_tree, save_tree
-from diffrig.training.step import FAST_COMPILE_OPTIONS, build_training, compile_options
+from diffrig.training.step import FAST_COMPILE_OPTIONS, STEP_COMPILE_OPTIONS, build_training, compile_options
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -473,8 +473,8 @@ def test_paper_configs_hold_the_official_settings():
 
 
 def test_compile_options_follow_the_mode_and_fast_compile():
-    assert compile_options("default", False) == {}
-    assert compile_options("reduce-overhead", False) == {"triton.cudagraphs": True}
+    assert compile_options("default", False) == STEP_COMPILE_OPTIONS
+    assert compile_options("reduce-overhead", False) == {"triton.cudagraphs": True, **STEP_COMPILE_OPTIONS}
     fast = compile_options("reduce-overhead", True)
     assert fast == {"triton.cudagraphs": True, **FAST_COMPILE_OPTIONS}
     assert fast["triton.autotune_pointwise"] is False and fast["loop_ordering_after_fusion"] is False
