@@ -5,7 +5,8 @@ keeps a byte-per-element mask for the backward pass; at 256² and batch 32 the r
 not memory, bounds the kernels that apply the dropout. Here a Triton kernel (:func:`keep_bits`)
 splits each Philox call's four 32-bit words into eight 16-bit draws and packs the eight keep
 decisions into one byte; Inductor fuses the unpacking and the multiplication into the kernels that
-use the mask, and the packed bits are what the backward pass keeps.
+use the mask. (What the compiled backward pass keeps is the partitioner's choice: in the stage-1 graph
+it is the unpacked mask, one byte per element, as before.)
 
 The drop probability is rounded to a multiple of 1/65536 and the kept values are scaled by the
 inverse of the rounded keep probability, so the output's expectation is still its input.

@@ -51,9 +51,11 @@ def allow_cached_custom_functions() -> None:
 
 
 # Inductor options for long runs. Inductor stores a pointwise result that several kernels read once its
-# expression exceeds 30 operations; GroupNorm's recomputed, SiLU'd activations in the backward pass are
-# such results, written out in float32 and read back. Inlined instead, a stage-1 step (256², batch 32,
-# H200, both built in one process) took 174.0 rather than 178.7 ms of device time: 175.4 vs 171.1 images/s.
+# expression exceeds 30 operations (realize_opcount_threshold); with 100, more of the GroupNorm, FiLM
+# and SiLU chains stay inlined. A stage-1 step (256², batch 32, H200, both built in one process) took
+# 174.0 rather than 178.7 ms of device time: 175.4 vs 171.1 images/s. (GroupNorm's float32
+# pre-activation is still stored in the backward pass: it reads more than 4 buffers, another threshold,
+# whose raising measured slower.)
 STEP_COMPILE_OPTIONS = {"realize_opcount_threshold": 100}
 
 
