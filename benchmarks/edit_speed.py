@@ -5,6 +5,7 @@ Times ``RigEditPipeline.generate`` (the sampling loop alone) for each batch size
 - ``fp32-eager``: float32, one kernel launch at a time (what the official code does);
 - ``fp32-graph``: float32, the whole DDIM loop replayed as one CUDA graph (same numbers as eager);
 - ``bf16-graph``: the UNet on a bfloat16 copy of its weights, channels-last, CUDA graph;
+- ``bf16-graph-fused``: the same with diffrig's fused GroupNorm/FiLM/SiLU kernels, no compile;
 - ``bf16-graph-compile``: the same with ``torch.compile`` (``--compile``);
 
 and, with ``--with_rig`` (default), whole one-photo edits (``pipeline.edit``: rig rendering of
@@ -129,19 +130,19 @@ def main() -> int:
         latent = torch.randn(batch, model.config.latent_dim, generator=g).to(device)
         return buffers, latent, pipeline.noise(batch)
 
-    variants = [("fp32-eager", None, False, False), ("fp32-graph", None, True, False),
-                ("bf16-graph", torch.bfloat16, True, False)]
+    variants = [("fp32-eager", None, False, False, False), ("fp32-graph", None, True, False, False),
+                ("bf16-graph", torch.bfloat16, True, False, False), ("bf16-graph-fused", torch.bfloat16, True, False, True)]
     if args.compile:
-        variants.append(("bf16-graph-compile", torch.bfloat16, True, True))
+        variants.append(("bf16-graph-compile", torch.bfloat16, True, True, False))
     if args.variants:
         variants = [v for v in variants if v[0] in args.variants]
     eager_fp32 = {}
-    for name, dtype, graphs, compiled in variants:
+    for name, dtype, graphs, compiled, fused in variants:
         pipeline.denoiser, pipeline._fast = pipeline.model, None
         pipeline.model.to(memory_format=torch.contiguous_format)
         if graphs or dtype is not None:
             pipeline.enable_fast_sampling(dtype=dtype, channels_last=dtype is not None, compile=compiled,
-                                          cuda_graphs=graphs)
+                                          cuda_graphs=graphs, fused_norm=fused)
         for batch in args.batch_sizes:
             buffers, latent, noise = inputs(batch)
             run = lambda: pipeline.generate(buffers, latent, noise, timestep_respacing=respacing)  # noqa: E731

@@ -45,7 +45,8 @@ PRESETS = {("paper", 1): "stage1_256.yaml", ("paper", 2): "stage2_256.yaml",
            ("tiny", 1): "tiny_cpu.yaml", ("tiny", 2): "tiny_cpu.yaml"}
 OVERRIDABLE = {"batch_size": int, "mixed_precision": str, "compile": _bool, "compile_mode": str,
                "channels_last": _bool, "activation_memory_budget": float, "gradient_checkpointing": _bool, "fused_optimizer": _bool, "ema": _bool,
-               "gradient_accumulation_steps": int, "max_steps": int, "fast_compile": _bool}
+               "gradient_accumulation_steps": int, "max_steps": int, "fast_compile": _bool, "cuda_graph": _bool,
+               "fused_norm": _bool}
 
 
 def synchronize(device: torch.device) -> None:

@@ -33,6 +33,7 @@ from diffrig import diffusion
 from diffrig.atomic import write_atomically
 from diffrig.deca.codes import CODE_SIZES, RigCodes
 from diffrig.errors import DataError, DiffrigError
+from diffrig.models.blocks import set_fused_norm
 from diffrig.rigs import HandRig
 from diffrig.training.model_source import load_model
 
@@ -537,9 +538,11 @@ class RigEditPipeline:
     # --- speed --------------------------------------------------------------------------------
 
     def enable_fast_sampling(self, dtype: torch.dtype | None = torch.bfloat16, channels_last: bool = True,
-                             compile: bool = False, cuda_graphs: bool = True) -> RigEditPipeline:
+                             compile: bool = False, cuda_graphs: bool = True,
+                             fused_norm: bool = False) -> RigEditPipeline:
         """Sample faster on CUDA: the UNet runs on a copy of its weights in ``dtype`` (None or
-        float32: the model itself), channels-last, optionally through ``torch.compile``, and the
+        float32: the model itself), channels-last, optionally through ``torch.compile`` or (without
+        it) with diffrig's fused norm kernels (:func:`diffrig.models.blocks.set_fused_norm`), and the
         whole DDIM loop is replayed as one CUDA graph per batch shape (captured on first use). The
         DDIM arithmetic stays float32. Without CUDA only the precision setting applies."""
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions once
@@ -547,6 +550,7 @@ class RigEditPipeline:
         if dtype not in (None, torch.float32):
             unet = copy.deepcopy(unet).to(dtype)  # cast once: autocast would re-cast every weight every step
         unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        set_fused_norm(unet, fused_norm)
         self.denoiser = _UNetDenoiser(torch.compile(unet, dynamic=False) if compile else unet)
         self._fast = {"cuda_graphs": cuda_graphs}
         self._graphs.clear()

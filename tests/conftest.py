@@ -1,5 +1,8 @@
 import functools
+import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -54,3 +57,19 @@ def load_rig_once():
         patch.setattr(DECA, "from_dir", staticmethod(
             lambda path=None, device="cpu", texture=None: load(str(path), device=str(device))))
         yield
+
+
+@pytest.fixture
+def triton_interpreter():
+    """``run(code)``: ``code`` in a fresh Python with ``TRITON_INTERPRET=1`` (Triton kernels on CPU
+    tensors; the interpreter must be chosen before Triton is imported); returns the JSON its last line
+    prints. Skips without Triton."""
+    pytest.importorskip("triton")
+    return _run_under_triton_interpreter
+
+
+def _run_under_triton_interpreter(code: str, timeout: int = 600):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

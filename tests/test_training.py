@@ -31,7 +31,8 @@ from diffrig.training.data import ResumableBatches, close_dataset
 from diffrig.training.model_source import load_model
 from diffrig.training.objective import DiffusionObjective
 from diffrig.training.serialization import load_tree, save_tree
-from diffrig.training.step import FAST_COMPILE_OPTIONS, STEP_COMPILE_OPTIONS, build_training, compile_options
+from diffrig.training.step import (FAST_COMPILE_OPTIONS, STEP_COMPILE_OPTIONS, GraphedStep, StepStats, TrainStep,
+                                   build_training, compile_options)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -493,6 +494,44 @@ def test_compiled_step_marks_cuda_graph_steps_only_in_graph_modes(dataset_dir, t
         assert build_training(config, accelerator, tiny_model()).step.mark_cuda_graph_step is graphs
     with pytest.raises(DiffrigError, match="unknown compile_mode"):
         build_training(tiny(dataset_dir, tmp_path, compile=True, compile_mode="turbo"), accelerator, tiny_model())
+
+
+def test_cuda_graph_setting_is_checked_and_runs_eagerly_off_cuda(dataset_dir, tmp_path, caplog):
+    with pytest.raises(DiffrigError, match="cuda_graph and compile exclude each other"):
+        tiny(dataset_dir, tmp_path, cuda_graph=True, compile=True).validate()
+    with pytest.raises(DiffrigError, match="fused_norm and compile exclude each other"):
+        tiny(dataset_dir, tmp_path, fused_norm=True, compile=True).validate()
+    for bad in ({"mixed_precision": "fp16"}, {"ema": True}, {"fused_optimizer": False}):
+        with pytest.raises(DiffrigError, match="cuda_graph needs mixed_precision bf16 or no, ema false"):
+            tiny(dataset_dir, tmp_path, cuda_graph=True, **bad).validate()
+    with caplog.at_level("WARNING", logger="diffrig.training.step"):
+        step = build_training(tiny(dataset_dir, tmp_path, cuda_graph=True), Accelerator(cpu=True), tiny_model()).step
+    assert type(step) is TrainStep
+    assert "cuda_graph: training runs on cpu, not CUDA; the step runs eagerly" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_step_trains_as_the_eager_step(dataset_dir, tmp_path):
+    """Recorded after 3 eager steps and replayed: the same losses as eager steps from the same seeds
+    (timesteps, noise and dropout drawn inside the graph), also with the fused norm kernels (which draw
+    the same dropout masks), and a batch of another size still runs."""
+    losses = {}
+    for graph, fused in ((False, False), (True, False), (True, True)):
+        config = tiny(dataset_dir, tmp_path, cuda_graph=graph, fused_norm=fused, batch_size=4,
+                      mixed_precision="no", channels_last=True)
+        torch.manual_seed(0)
+        parts = build_training(config, Accelerator(), tiny_model())
+        assert isinstance(parts.step, GraphedStep) is graph
+        torch.manual_seed(1)
+        batches = [{"image": torch.rand(4, 3, SIZE, SIZE, device="cuda") * 2 - 1,
+                    "buffers": torch.rand(4, 9, SIZE, SIZE, device="cuda")} for _ in range(8)]
+        stats = [parts.step([b]) for b in batches]
+        stats.append(parts.step([{key: value[:2] for key, value in batches[0].items()}]))
+        StepStats.read_all(stats)
+        losses[graph, fused] = [s.loss for s in stats]
+        assert all(math.isfinite(loss) for loss in losses[graph, fused])
+    assert losses[True, False] == pytest.approx(losses[False, False], rel=1e-4)
+    assert losses[True, True] == pytest.approx(losses[False, False], rel=1e-3)
 
 
 def test_compiled_training_graph_can_be_served_from_the_autograd_cache(dataset_dir, tmp_path):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffrig.models import fused_norm
 from diffrig.models.dropout import Dropout
 
 GROUPS = 32
@@ -45,9 +46,28 @@ class GroupNorm32(nn.GroupNorm):
 
     def __init__(self, channels: int):
         super().__init__(GROUPS, channels)
+        self.fused = False  # see set_fused_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and fused_norm.usable(x):
+            return fused_norm.norm_act(x, self.weight, self.bias, self.eps)
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def set_fused_norm(module: nn.Module, enabled: bool = True) -> None:
+    """Let every :class:`GroupNorm32` in ``module`` (and the FiLM, SiLU and dropout that follow it in a
+    ResBlock) run as :mod:`diffrig.models.fused_norm`'s kernels where those apply (eager CUDA,
+    channels_last); elsewhere, and with ``enabled=False``, the plain formulation runs."""
+    for norm in module.modules():
+        if isinstance(norm, GroupNorm32):
+            norm.fused = enabled
+
+
+def norm_silu(norm: GroupNorm32, x: torch.Tensor) -> torch.Tensor:
+    """``silu(norm(x))``, one pass with :func:`set_fused_norm`."""
+    if norm.fused and fused_norm.usable(x):
+        return fused_norm.norm_act(x, norm.weight, norm.bias, norm.eps, act=True)
+    return F.silu(norm(x))
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -160,16 +180,23 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """x (B, C_in, H, W), emb (B, time_embed_dim), latent (B, latent_dim) -> (B, C_out, H', W')."""
-        h = F.silu(self.norm1(x))
+        h = norm_silu(self.norm1, x)
         if self.resample is not None:
             h = self.resample(h)
             x = self.resample(x)
-        h = self.norm2(self.conv1(h))
-        time_scale, time_shift = self.time_emb_proj(F.silu(emb)).to(h.dtype)[:, :, None, None].chunk(2, dim=1)
-        h = h * (1 + time_scale) + time_shift
-        latent_scale, latent_shift = self.latent_emb_proj(F.silu(latent)).to(h.dtype)[:, :, None, None].chunk(2, dim=1)
-        h = h * (1 + latent_scale) + latent_shift
-        h = self.conv2(self.dropout(F.silu(h)))
+        h = self.conv1(h)
+        film_time, film_latent = self.time_emb_proj(F.silu(emb)), self.latent_emb_proj(F.silu(latent))
+        if self.norm2.fused and fused_norm.usable(h):
+            h = fused_norm.norm_act(h, self.norm2.weight, self.norm2.bias, self.norm2.eps, act=True,
+                                    film_time=film_time, film_latent=film_latent,
+                                    p=self.dropout.p if self.training else 0.0)
+        else:
+            h = self.norm2(h)
+            time_scale, time_shift = film_time.to(h.dtype)[:, :, None, None].chunk(2, dim=1)
+            h = h * (1 + time_scale) + time_shift
+            latent_scale, latent_shift = film_latent.to(h.dtype)[:, :, None, None].chunk(2, dim=1)
+            h = self.dropout(F.silu(h * (1 + latent_scale) + latent_shift))
+        h = self.conv2(h)
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h
 

@@ -9,6 +9,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from diffrig.models.blocks import set_fused_norm
 from diffrig.models.global_encoder import GlobalEncoder
 from diffrig.models.unet import DiffusionRigUNet, attention_downsample_rates, resolve_channel_mult
 
@@ -133,6 +134,11 @@ class DiffusionRigModel(ModelMixin, ConfigMixin):
         elif timesteps.shape != (batch,):
             raise ValueError(f"timesteps must be a scalar or ({batch},), got {tuple(timesteps.shape)}")
         return self.unet(torch.cat([noisy, buffers.to(noisy.dtype)], dim=1), timesteps, latent)
+
+    def enable_fused_norm(self, enabled: bool = True) -> None:
+        """Run the UNet's GroupNorms, with the FiLM, SiLU and dropout after them, as diffrig's Triton
+        kernels where they apply (eager CUDA, channels_last; see :mod:`diffrig.models.fused_norm`)."""
+        set_fused_norm(self.unet, enabled)
 
     def freeze_encoder(self, frozen: bool = True, freeze_batchnorm: bool = False) -> None:
         """Stop (or restart) training the global encoder, as stage 2 does.

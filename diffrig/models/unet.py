@@ -23,12 +23,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from diffrig.models.blocks import (GROUPS, AttentionBlock, Downsample, GroupNorm32, ResBlock, Upsample,
-                                   concat_channels, zero_init)
+                                   concat_channels, norm_silu, zero_init)
 
 # guided-diffusion's per-resolution defaults, used when ``channel_mult`` is empty
 DEFAULT_CHANNEL_MULT = {
@@ -231,7 +230,7 @@ class DiffusionRigUNet(nn.Module):
             if block.upsampler is not None:
                 h = self._resample(block.upsampler, h, emb, latent)
 
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(norm_silu(self.norm_out, h))
 
     def _resample(self, sampler: nn.Module, h, emb, latent):
         if isinstance(sampler, ResBlock):

@@ -64,6 +64,10 @@ class TrainConfig:
     compile_mode: str = setting("default", "torch.compile mode: default, reduce-overhead, max-autotune, ...")
     fast_compile: bool = setting(
         False, "with compile: skip Inductor's kernel tuning and loop reordering (shorter compilation, same step time)")
+    cuda_graph: bool = setting(
+        False, "without compile, on one GPU: record the whole training step once as a CUDA graph and replay it")
+    fused_norm: bool = setting(
+        False, "without compile, on CUDA: GroupNorm, FiLM, SiLU and dropout as diffrig's Triton kernels")
     activation_memory_budget: float = setting(
         1.0, "with compile: below 1 recomputes cheap ops to keep fewer activations")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass to save memory")
@@ -105,6 +109,14 @@ class TrainConfig:
             problems.append(f"activation_memory_budget must be in (0, 1], got {self.activation_memory_budget}")
         if not 0.0 <= self.ema_decay < 1.0:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.cuda_graph and self.compile:
+            problems.append("cuda_graph and compile exclude each other: compile_mode reduce-overhead is "
+                            "torch.compile's own CUDA graphs")
+        if self.fused_norm and self.compile:
+            problems.append("fused_norm and compile exclude each other: torch.compile fuses the norms itself")
+        if self.cuda_graph and (self.mixed_precision == "fp16" or self.ema or not self.fused_optimizer):
+            problems.append("cuda_graph needs mixed_precision bf16 or no, ema false and fused_optimizer true "
+                            "(a step must be decided on the GPU)")
         if not isinstance(self.model, dict):
             problems.append("model must be a mapping of architecture options (image_size: 256, ...)")
         if problems:

@@ -16,6 +16,7 @@ many steps at once (:meth:`StepStats.read_all`). Otherwise the step reads its st
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,8 @@ from diffrig.models import DiffusionRigModel
 from diffrig.training.config import TrainConfig
 from diffrig.training.ema import create_ema
 from diffrig.training.objective import DiffusionObjective
+
+logger = logging.getLogger(__name__)
 
 # Inductor options that cut compile time, which a stage-2 run (5000 short steps) is much of. Stage 2
 # on an H200, cold cache: first step 184 s with pointwise tuning off alone, 138 s with both off, at
@@ -140,6 +143,16 @@ class TrainStep:
         self.skip_on_device = bool(fused) and accelerator.scaler is None and ema is None
 
     def __call__(self, micro_batches: list[dict], stop_requested: bool = False) -> StepStats:
+        summed = self.summed_stats(micro_batches, stop_requested)
+        stats = StepStats(summed, self.accelerator.num_processes)
+        if not self.skip_on_device:
+            self._step_or_skip_on_host(stats)
+        return stats
+
+    def summed_stats(self, micro_batches: list[dict], stop_requested: bool | torch.Tensor) -> torch.Tensor:
+        """The step itself; returns the (4,) statistics summed over processes (see :class:`StepStats`).
+        With ``skip_on_device`` the update is applied or skipped here too, else by the caller.
+        ``stop_requested`` may be a float tensor on the device (1: asked to stop)."""
         accelerator = self.accelerator
         if self.mark_cuda_graph_step:
             torch.compiler.cudagraph_mark_step_begin()
@@ -160,17 +173,22 @@ class TrainStep:
         else:
             grad_norm = torch.zeros((), device=accelerator.device)
         mean_loss = total / len(micro_batches)
-        local = torch.stack([mean_loss, (~torch.isfinite(mean_loss)).float(),
-                             torch.full((), float(stop_requested), device=accelerator.device), grad_norm])
+        if not isinstance(stop_requested, torch.Tensor):
+            stop_requested = torch.full((), float(stop_requested), device=accelerator.device)
+        local = torch.stack([mean_loss, (~torch.isfinite(mean_loss)).float(), stop_requested, grad_norm])
         summed = accelerator.reduce(local, reduction="sum")
-        stats = StepStats(summed, accelerator.num_processes)
         if self.skip_on_device:
             self._step_or_skip_on_device(summed[1] > 0)
-        elif stats.nonfinite:
+        return summed
+
+    def _step_or_skip_on_host(self, stats: StepStats) -> None:
+        """The optimizer (and EMA) step, or after a non-finite loss none and the BatchNorm statistics put
+        back, decided from ``stats`` read back at once."""
+        if stats.nonfinite:
             self.optimizer.zero_grad(set_to_none=True)
             if self.buffers:
                 torch._foreach_copy_(self.buffers, self.buffer_snapshot)
-            scaler = accelerator.scaler
+            scaler = self.accelerator.scaler
             if scaler is not None:  # forget this step's unscale and back the scale off, as an overflow would
                 scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
         else:
@@ -178,7 +196,6 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 self.ema.step(self.model.parameters())
-        return stats
 
     def _step_or_skip_on_device(self, skip: torch.Tensor) -> None:
         """The optimizer step, or (``skip``: a bool tensor on the device) none and the BatchNorm
@@ -190,12 +207,82 @@ class TrainStep:
             buffer.copy_(torch.where(skip, saved, buffer))
 
 
+class GraphedStep:
+    """A :class:`TrainStep`, same call, replayed as one CUDA graph.
+
+    At batch 4 (stage 2) an eager step takes longer to launch its few thousand kernels than the GPU
+    takes to run them; a replayed graph launches them all at once. The first ``warmup`` calls run
+    eagerly on a side stream (cuDNN chooses its algorithms, Triton compiles, Adam creates its state),
+    the next records the step on static copies of its inputs and every call from then on copies its
+    batch in and replays. Timesteps, noise and dropout masks are drawn inside the graph from the CUDA
+    generator, which moves on at each replay as it would eagerly. A batch of another shape runs eagerly.
+    """
+
+    def __init__(self, step: TrainStep, warmup: int = 3):
+        self.step, self.warmup, self.calls = step, warmup, 0
+        self.stream = torch.cuda.Stream(step.accelerator.device)
+        self.stop_flag = torch.zeros((), device=step.accelerator.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: list[dict] = []
+        self.outputs: torch.Tensor | None = None
+
+    def __getattr__(self, name):  # the wrapped step's attributes (optimizer, model, ...)
+        if "step" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["step"], name)
+
+    def __call__(self, micro_batches: list[dict], stop_requested: bool = False) -> StepStats:
+        if self.graph is None and self.calls < self.warmup:
+            self.calls += 1
+            return self._on_side_stream(lambda: self.step(micro_batches, stop_requested))
+        if self.graph is None:
+            self._record(micro_batches)
+        elif not self._fits(micro_batches):
+            return self.step(micro_batches, stop_requested)
+        for static, batch in zip(self.inputs, micro_batches):
+            for key, value in static.items():
+                value.copy_(batch[key])
+        self.stop_flag.fill_(float(stop_requested))
+        self.graph.replay()
+        return StepStats(self.outputs.clone(), self.step.accelerator.num_processes)
+
+    def _on_side_stream(self, run):
+        current = torch.cuda.current_stream()
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            result = run()
+        current.wait_stream(self.stream)
+        return result
+
+    def _fits(self, micro_batches: list[dict]) -> bool:
+        return len(micro_batches) == len(self.inputs) and all(
+            batch[key].shape == value.shape and batch[key].dtype == value.dtype
+            and batch[key].stride() == value.stride()
+            for static, batch in zip(self.inputs, micro_batches) for key, value in static.items())
+
+    def _record(self, micro_batches: list[dict]) -> None:
+        self.inputs = [{key: value.clone() for key, value in batch.items() if isinstance(value, torch.Tensor)}
+                       for batch in micro_batches]
+        groups = self.step.optimizer.param_groups
+        capturable = [group.get("capturable", False) for group in groups]
+        for group in groups:  # Adam refuses to be recorded otherwise; the recorded kernels are the same
+            group["capturable"] = True
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
+                self.outputs = self.step.summed_stats(self.inputs, self.stop_flag)
+        finally:
+            for group, value in zip(groups, capturable):
+                group["capturable"] = value
+
+
 def build_training(config: TrainConfig, accelerator: Accelerator, model: DiffusionRigModel) -> TrainingParts:
     """Freeze, lay out and place ``model``, make the optimizer, EMA and objective, let Accelerate wrap them."""
     if config.freeze_encoder:
         model.freeze_encoder(True, freeze_batchnorm=config.freeze_encoder_batchnorm)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    model.enable_fused_norm(config.fused_norm)
     model.train()
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(device=accelerator.device, memory_format=memory_format)
@@ -207,4 +294,23 @@ def build_training(config: TrainConfig, accelerator: Accelerator, model: Diffusi
     schedule = make_schedule(config.num_train_timesteps, config.p2_gamma, config.p2_k)
     objective, optimizer = accelerator.prepare(DiffusionObjective(model, schedule), optimizer)
     step = TrainStep(accelerator, objective, optimizer, model, ema, config)
+    if config.cuda_graph:
+        step = graphed(step)
     return TrainingParts(model, objective, optimizer, ema, schedule, step)
+
+
+def graphed(step: TrainStep) -> TrainStep | GraphedStep:
+    """``step`` replayed as a CUDA graph where it can be (one CUDA process, decided on the device), else
+    ``step`` itself, with a warning saying why."""
+    accelerator = step.accelerator
+    reason = None
+    if accelerator.device.type != "cuda":
+        reason = f"training runs on {accelerator.device.type}, not CUDA"
+    elif accelerator.num_processes > 1:
+        reason = f"{accelerator.num_processes} processes (CUDA graphs are used by one alone)"
+    elif not step.skip_on_device:
+        reason = "the step is decided on the host (fp16 loss scaling, EMA or an unfused optimizer)"
+    if reason is None:
+        return GraphedStep(step)
+    logger.warning("cuda_graph: %s; the step runs eagerly", reason)
+    return step
