@@ -64,6 +64,7 @@ cases = {
     "FiLM, no activation, 12 channels a group": compare(1, 384, 9, 9, film=True, act=False),
     "plain norm": compare(3, 128, 4, 4, film=False, act=False),
     "FiLM, silu and dropout": compare(2, 64, 4, 8, film=True, act=True, p=0.3),
+    "73 tiles merged in two rounds, 1 channel a group": compare(1, 32, 70, 66, film=True, act=True),
 }
 print(json.dumps(cases))
 """
