@@ -131,7 +131,8 @@ def main() -> int:
         return buffers, latent, pipeline.noise(batch)
 
     variants = [("fp32-eager", None, False, False, False), ("fp32-graph", None, True, False, False),
-                ("bf16-graph", torch.bfloat16, True, False, False), ("bf16-graph-fused", torch.bfloat16, True, False, True)]
+                ("bf16-graph", torch.bfloat16, True, False, False),
+                ("bf16-graph-fused", torch.bfloat16, True, False, True)]
     if args.compile:
         variants.append(("bf16-graph-compile", torch.bfloat16, True, True, False))
     if args.variants:

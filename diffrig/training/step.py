@@ -119,7 +119,7 @@ class TrainingParts:
     optimizer: torch.optim.Optimizer  # as prepared by Accelerate
     ema: EMAModel | None
     schedule: NoiseSchedule
-    step: TrainStep
+    step: TrainStep | GraphedStep
 
 
 class TrainStep:
@@ -225,11 +225,6 @@ class GraphedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: list[dict] = []
         self.outputs: torch.Tensor | None = None
-
-    def __getattr__(self, name):  # the wrapped step's attributes (optimizer, model, ...)
-        if "step" not in self.__dict__:
-            raise AttributeError(name)
-        return getattr(self.__dict__["step"], name)
 
     def __call__(self, micro_batches: list[dict], stop_requested: bool = False) -> StepStats:
         if self.graph is None and self.calls < self.warmup:
