@@ -40,6 +40,9 @@ GROUPS = 32
 BLOCK_HW = 64  # positions per program
 BLOCK_C = 64  # channels per program (8 bytes of dropout bits)
 BLOCK_T = 64  # tiles merged per loop iteration
+# warps of the per-tile kernels: with 8, none of them spills registers on sm_90 (ptxas; with 4 the
+# backward pass with dropout spills 96-136 bytes a thread); their speed is not yet measured
+TILE_WARPS = 8
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -265,7 +268,7 @@ class _NormAct(torch.autograd.Function):
         partial = torch.empty(2, batch, tiles, channels, device=x.device, dtype=torch.float32)
         coef = torch.empty(4, batch, channels, device=x.device, dtype=torch.float32)  # mean, rstd, A, B
         _stats_kernel[_grid(batch, channels, hw)](x, partial[0], partial[1], hw, channels, tiles,
-                                                  BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C)
+                                                  BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=TILE_WARPS)
         _merge_stats_kernel[(batch, GROUPS)](partial[0], partial[1], weight, bias, film_time, film_latent, coef,
                                              hw, channels, tiles, per_group, float(per_group * hw), eps,
                                              HAS_FILM=has_film,
@@ -276,7 +279,8 @@ class _NormAct(torch.autograd.Function):
         inv_keep = DRAWS / (DRAWS - threshold)
         y = torch.empty_like(x)
         _apply_kernel[_grid(batch, channels, hw)](x, y, coef, seed, hw, channels, threshold, inv_keep, ACT=act,
-                                                  DROPOUT=dropout, BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C)
+                                                  DROPOUT=dropout, BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C,
+                                                  num_warps=TILE_WARPS)
         ctx.save_for_backward(x, weight, bias, film_time, film_latent, coef, seed)
         ctx.config = (has_film, act, threshold, inv_keep)
         return y
@@ -293,7 +297,7 @@ class _NormAct(torch.autograd.Function):
         sums = torch.empty(2, batch, tiles, channels, device=x.device, dtype=torch.float32)
         _grad_sums_kernel[_grid(batch, channels, hw)](x, dy, coef, seed, sums, hw, channels, tiles, threshold,
                                                       inv_keep, ACT=act, DROPOUT=dropout, BLOCK_HW=BLOCK_HW,
-                                                      BLOCK_C=BLOCK_C)
+                                                      BLOCK_C=BLOCK_C, num_warps=TILE_WARPS)
         daffine = torch.empty(4, batch, channels, device=x.device, dtype=torch.float32)  # dw, db shares; beta, gamma
         dtime = torch.empty(batch, 2 * channels, device=x.device, dtype=torch.float32) if has_film else daffine
         dlatent = torch.empty_like(dtime) if has_film else daffine
@@ -304,7 +308,7 @@ class _NormAct(torch.autograd.Function):
         dx = torch.empty_like(x)
         _grad_input_kernel[_grid(batch, channels, hw)](x, dy, coef, seed, daffine, dx, hw, channels, threshold,
                                                        inv_keep, ACT=act, DROPOUT=dropout, BLOCK_HW=BLOCK_HW,
-                                                       BLOCK_C=BLOCK_C)
+                                                       BLOCK_C=BLOCK_C, num_warps=TILE_WARPS)
         daffine_sum = daffine[:2].sum(dim=1)
         dweight, dbias = daffine_sum[0].to(weight.dtype), daffine_sum[1].to(bias.dtype)
         if not has_film:
