@@ -16,6 +16,7 @@ batch sizes 1 and 8, and the float32 results of both are compared from the same 
 
     python benchmarks/edit_speed.py --official_repo .ref/diffusion-rig
     python benchmarks/edit_speed.py --batch_sizes 1 8 32 64 --compile --model_path converted/
+    python benchmarks/edit_speed.py --batch_sizes 64 --variants bf16-graph-fused --no-with_rig --profile 3
 
 Prints one JSON object per measurement and a summary.
 """
@@ -94,6 +95,9 @@ def main() -> int:
     parser.add_argument("--with_rig", action=argparse.BooleanOptionalAction, default=True,
                         help="also time a whole one-photo edit with the built-in DECA rig")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing each variant at its largest batch, profile N more calls: "
+                             "device time per call by kernel")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda", help="cuda (cpu only checks that the script runs)")
     parser.add_argument("--tiny", action="store_true", help="a 64² model of a few channels (a smoke test)")
@@ -155,6 +159,11 @@ def main() -> int:
                 torch.cuda.empty_cache()
                 continue
             row = report(rows, **common, implementation="diffrig", variant=name, batch_size=batch, times=times)
+            if args.profile and batch == max(args.batch_sizes):
+                from train_speed import kernel_profile  # the sibling benchmark script
+
+                row["profile"] = kernel_profile(run, device, args.profile)
+                print(json.dumps({"variant": name, "batch_size": batch, "profile": row["profile"]}))
             if name == "fp32-eager":
                 eager_fp32[batch] = run()
             elif batch in eager_fp32:

@@ -17,7 +17,8 @@ torch.compile's timed phases, which nest).
     python benchmarks/train_speed.py --preset paper --stage 2 --official_repo ../diffusion-rig
     python benchmarks/train_speed.py --preset paper --stage 2 --end_to_end --max_steps 5000
     # variants: --compile false, --compile_mode max-autotune-no-cudagraphs, --activation_memory_budget 0.5,
-    #           --gradient_checkpointing true
+    #           --gradient_checkpointing true, --compile false --cuda_graph true --fused_norm true
+    # where the device time goes (per kernel, after the timing): --profile 5
     # on a CPU, in seconds:
     python benchmarks/train_speed.py --preset tiny
 """
@@ -100,13 +101,33 @@ def compile_phases(min_seconds: float = 1.0) -> dict:
     return dict(sorted(phases.items(), key=lambda item: -item[1]))
 
 
-def bench_ours(config, warmup: int, steps: int) -> dict:
+def kernel_profile(run, device, calls: int, top: int = 25) -> dict:
+    """Where the device time of ``run()`` goes: over ``calls`` profiled calls, the total per call and
+    the ``top`` kernels taking the most (self time in milliseconds per call; CPU operators on a CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            run()
+        synchronize(device)
+    rows = [(event.key, (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3 / calls,
+             event.count / calls) for event in prof.key_averages()]
+    rows.sort(key=lambda row: -row[1])
+    return {"calls": calls, "total_ms_per_call": round(sum(row[1] for row in rows), 3),
+            "top": [{"name": name[:160], "ms_per_call": round(ms, 3), "launches_per_call": count}
+                    for name, ms, count in rows[:top]]}
+
+
+def bench_ours(config, warmup: int, steps: int, profile_steps: int = 0) -> dict:
     accelerator = make_accelerator(config, with_tracker=False)
     torch.manual_seed(0)
     parts = build_training(config, accelerator, new_model(config.model))
     batch = synthetic_batch(config.batch_size, config.model["image_size"], accelerator.device, config.channels_last)
     micro = [batch] * config.gradient_accumulation_steps
     result = time_steps(lambda: parts.step(micro), accelerator.device, warmup, steps)
+    if profile_steps:
+        result["profile"] = kernel_profile(lambda: parts.step(micro), accelerator.device, profile_steps)
     if config.compile:
         result["compile_phases_s"] = compile_phases()
     del parts
@@ -198,6 +219,8 @@ def main() -> None:
     parser.add_argument("--official_only", action="store_true")
     parser.add_argument("--end_to_end", action="store_true", help="run train() on synthetic data instead")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, profile N more steps of ours: device time per step by kernel")
     for name, kind in OVERRIDABLE.items():
         parser.add_argument(f"--{name}", type=kind)
     args = parser.parse_args()
@@ -214,6 +237,7 @@ def main() -> None:
                "compile": config.compile, "compile_mode": config.compile_mode, "channels_last": config.channels_last,
                "activation_memory_budget": config.activation_memory_budget,
                "gradient_checkpointing": config.gradient_checkpointing, "ema": config.ema,
+               "fast_compile": config.fast_compile, "cuda_graph": config.cuda_graph, "fused_norm": config.fused_norm,
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     report = {"setting": setting}
 
@@ -224,7 +248,7 @@ def main() -> None:
         if args.official_repo:
             report["official"] = bench_official(args.official_repo.resolve(), config, args.warmup, args.steps)
         if not args.official_only:
-            report["ours"] = bench_ours(config, args.warmup, args.steps)
+            report["ours"] = bench_ours(config, args.warmup, args.steps, args.profile)
         for side in ("official", "ours"):
             if side in report:
                 report[side]["images_per_s"] = images_per_step / report[side]["s_per_step"]
