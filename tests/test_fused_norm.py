@@ -141,34 +141,30 @@ def test_fused_model_trains_as_the_plain_model_on_cuda(dtype, tolerance):
     assert worst < 10 * tolerance
 
 
-TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64"}
-
-
 def _triton_signature(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict]:
-    """The signature and constants that Triton's launcher would build for these arguments: tensors as
-    pointers, integers equal to 1 specialised to constants as the launcher does, floats as fp32."""
+    """The signature and constants that Triton's launcher builds for these arguments (its own
+    ``mangle_type``: tensors as typed pointers, an integer equal to 1 as a constant, ...)."""
+    from triton.runtime.jit import mangle_type
+
     values = {**dict(zip(kernel.arg_names, args)), **kwargs}
     signature, constants = {}, {}
     for param in kernel.params:
         value = values[param.name]
-        if param.is_constexpr or (type(value) is int and value == 1):
-            signature[param.name], constants[param.name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = "*" + TRITON_TYPES[value.dtype]
-        elif type(value) is int:
-            signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
-        else:
-            signature[param.name] = "fp32"
+        signature[param.name] = "constexpr" if param.is_constexpr else mangle_type(value, specialize=True)
+        if signature[param.name] == "constexpr":
+            constants[param.name] = value
     return signature, constants
 
 
-@pytest.mark.parametrize("dtype, film, act, p, shape", [
-    (torch.bfloat16, True, True, 0.1, (4, 128, 16, 16)),
-    (torch.bfloat16, False, True, 0.0, (2, 96, 8, 8)),  # one tile: the launcher makes T a constant
-    (torch.float32, True, False, 0.3, (1, 256, 12, 12)),
-    (torch.float32, False, False, 0.0, (2, 64, 9, 9)),
+@pytest.mark.parametrize("dtype, weight_dtype, film, act, p, shape", [
+    (torch.bfloat16, torch.float32, True, True, 0.1, (4, 128, 16, 16)),  # training under autocast
+    (torch.bfloat16, torch.bfloat16, True, True, 0.0, (2, 96, 8, 8)),  # sampling's bf16 copy; one tile
+    (torch.bfloat16, torch.float32, False, True, 0.0, (2, 64, 4, 4)),
+    (torch.float32, torch.float32, True, False, 0.3, (1, 256, 12, 12)),
+    (torch.float32, torch.float32, False, False, 0.0, (2, 64, 9, 9)),
 ])
-def test_every_kernel_a_norm_launches_compiles_for_hopper_and_ampere(monkeypatch, dtype, film, act, p, shape):
+def test_every_kernel_a_norm_launches_compiles_for_hopper_and_ampere(monkeypatch, dtype, weight_dtype, film, act, p,
+                                                                      shape):
     """The kernels as they are launched, forward and backward, compiled ahead of time (PTX, then
     cubin by ptxas) for sm_90 and sm_80: no GPU needed, so a kernel that Triton cannot compile for
     a real GPU fails here rather than on the user's machine."""
@@ -191,7 +187,8 @@ def test_every_kernel_a_norm_launches_compiles_for_hopper_and_ampere(monkeypatch
         monkeypatch.setattr(fused_norm, name, Recorder(getattr(fused_norm, name)))
     batch, channels = shape[:2]
     x = torch.zeros(shape, dtype=dtype).to(memory_format=torch.channels_last).requires_grad_()
-    weight, bias = torch.ones(channels, requires_grad=True), torch.zeros(channels, requires_grad=True)
+    weight = torch.ones(channels, dtype=weight_dtype, requires_grad=True)
+    bias = torch.zeros(channels, dtype=weight_dtype, requires_grad=True)
     films = [torch.zeros(batch, 2 * channels, dtype=dtype, requires_grad=True) for _ in range(2)] if film else [None] * 2
     y = fused_norm.norm_act(x, weight, bias, 1e-5, act=act, film_time=films[0], film_latent=films[1], p=p)
     y.backward(torch.ones_like(y))
