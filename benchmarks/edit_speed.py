@@ -7,6 +7,8 @@ Times ``RigEditPipeline.generate`` (the sampling loop alone) for each batch size
 - ``bf16-graph``: the UNet on a bfloat16 copy of its weights, channels-last, CUDA graph;
 - ``bf16-graph-fused``: the same with diffrig's fused GroupNorm/FiLM/SiLU kernels, no compile;
 - ``bf16-graph-compile``: the same with ``torch.compile`` (``--compile``);
+- ``bf16-graph-autotune``: compiled with ``max-autotune-no-cudagraphs`` (``--autotune``: Inductor
+  times candidate kernels, convolutions included, which takes minutes);
 
 and, with ``--with_rig`` (default), whole one-photo edits (``pipeline.edit``: rig rendering of
 the built-in DECA at 256², latent encoding, sampling from the seeded noise, or DDIM inversion of
@@ -92,6 +94,8 @@ def main() -> int:
     parser.add_argument("--official_batch_sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--timestep_respacing", default="ddim20")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile + bf16 + CUDA graph")
+    parser.add_argument("--autotune", action="store_true",
+                        help="also time max-autotune compilation + bf16 + CUDA graph")
     parser.add_argument("--with_rig", action=argparse.BooleanOptionalAction, default=True,
                         help="also time a whole one-photo edit with the built-in DECA rig")
     parser.add_argument("--repeats", type=int, default=10)
@@ -134,19 +138,23 @@ def main() -> int:
         latent = torch.randn(batch, model.config.latent_dim, generator=g).to(device)
         return buffers, latent, pipeline.noise(batch)
 
-    variants = [("fp32-eager", None, False, False, False), ("fp32-graph", None, True, False, False),
-                ("bf16-graph", torch.bfloat16, True, False, False),
-                ("bf16-graph-fused", torch.bfloat16, True, False, True)]
+    # name, dtype, CUDA graph, compile mode (None: eager), fused norms
+    variants = [("fp32-eager", None, False, None, False), ("fp32-graph", None, True, None, False),
+                ("bf16-graph", torch.bfloat16, True, None, False),
+                ("bf16-graph-fused", torch.bfloat16, True, None, True)]
     if args.compile:
-        variants.append(("bf16-graph-compile", torch.bfloat16, True, True, False))
+        variants.append(("bf16-graph-compile", torch.bfloat16, True, "default", False))
+    if args.autotune:
+        variants.append(("bf16-graph-autotune", torch.bfloat16, True, "max-autotune-no-cudagraphs", False))
     if args.variants:
         variants = [v for v in variants if v[0] in args.variants]
     eager_fp32 = {}
-    for name, dtype, graphs, compiled, fused in variants:
+    for name, dtype, graphs, compile_mode, fused in variants:
         pipeline.denoiser, pipeline._fast = pipeline.model, None
         pipeline.model.to(memory_format=torch.contiguous_format)
         if graphs or dtype is not None:
-            pipeline.enable_fast_sampling(dtype=dtype, channels_last=dtype is not None, compile=compiled,
+            pipeline.enable_fast_sampling(dtype=dtype, channels_last=dtype is not None,
+                                          compile=compile_mode is not None, compile_mode=compile_mode or "default",
                                           cuda_graphs=graphs, fused_norm=fused)
         for batch in args.batch_sizes:
             buffers, latent, noise = inputs(batch)

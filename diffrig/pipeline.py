@@ -539,19 +539,24 @@ class RigEditPipeline:
 
     def enable_fast_sampling(self, dtype: torch.dtype | None = torch.bfloat16, channels_last: bool = True,
                              compile: bool = False, cuda_graphs: bool = True,
-                             fused_norm: bool = False) -> RigEditPipeline:
+                             fused_norm: bool = False, compile_mode: str = "default") -> RigEditPipeline:
         """Sample faster on CUDA: the UNet runs on a copy of its weights in ``dtype`` (None or
-        float32: the model itself), channels-last, optionally through ``torch.compile`` or (without
-        it) with diffrig's fused norm kernels (:func:`diffrig.models.blocks.set_fused_norm`), and the
-        whole DDIM loop is replayed as one CUDA graph per batch shape (captured on first use). The
-        DDIM arithmetic stays float32. Without CUDA only the precision setting applies."""
+        float32: the model itself), channels-last, optionally through ``torch.compile`` (in
+        ``compile_mode``; with ``cuda_graphs``, one that makes no graphs of its own, such as
+        "max-autotune-no-cudagraphs") or (without it) with diffrig's fused norm kernels
+        (:func:`diffrig.models.blocks.set_fused_norm`), and the whole DDIM loop is replayed as one
+        CUDA graph per batch shape (captured on first use). The DDIM arithmetic stays float32.
+        Without CUDA only the precision setting applies."""
+        if compile and cuda_graphs and compile_mode in ("reduce-overhead", "max-autotune"):
+            raise DiffrigError(f"compile_mode {compile_mode!r} makes CUDA graphs of its own, inside the DDIM loop's: "
+                               "use max-autotune-no-cudagraphs, or cuda_graphs=False")
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions once
         unet = self.model.unet
         if dtype not in (None, torch.float32):
             unet = copy.deepcopy(unet).to(dtype)  # cast once: autocast would re-cast every weight every step
         unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         set_fused_norm(unet, fused_norm)
-        self.denoiser = _UNetDenoiser(torch.compile(unet, dynamic=False) if compile else unet)
+        self.denoiser = _UNetDenoiser(torch.compile(unet, dynamic=False, mode=compile_mode) if compile else unet)
         self._fast = {"cuda_graphs": cuda_graphs}
         self._graphs.clear()
         return self

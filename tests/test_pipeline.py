@@ -349,6 +349,15 @@ def test_generate_with_a_diffusers_scheduler_and_the_fast_sampling_denoisers():
     assert all(p.dtype == torch.float32 for p in pipeline.model.parameters())  # the model itself is untouched
 
 
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_fast_sampling_refuses_a_compile_mode_with_graphs_of_its_own_inside_the_loop_graph(mode):
+    pipeline = RigEditPipeline(tiny_model(), None)
+    with pytest.raises(DiffrigError, match="max-autotune-no-cudagraphs"):
+        pipeline.enable_fast_sampling(compile=True, compile_mode=mode)
+    pipeline.enable_fast_sampling(compile=True, compile_mode=mode, cuda_graphs=False)  # compiled on first use
+    assert hasattr(pipeline.denoiser.unet, "_orig_mod")  # a torch.compile wrapper
+
+
 def train_tiny(steps=30):
     """A tiny model trained for a few dozen steps on four smooth pictures with matching buffers."""
     torch.manual_seed(0)
