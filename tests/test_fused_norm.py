@@ -189,7 +189,8 @@ def test_every_kernel_a_norm_launches_compiles_for_hopper_and_ampere(monkeypatch
     x = torch.zeros(shape, dtype=dtype).to(memory_format=torch.channels_last).requires_grad_()
     weight = torch.ones(channels, dtype=weight_dtype, requires_grad=True)
     bias = torch.zeros(channels, dtype=weight_dtype, requires_grad=True)
-    films = [torch.zeros(batch, 2 * channels, dtype=dtype, requires_grad=True) for _ in range(2)] if film else [None] * 2
+    films = ([torch.zeros(batch, 2 * channels, dtype=dtype, requires_grad=True) for _ in range(2)]
+             if film else [None] * 2)
     y = fused_norm.norm_act(x, weight, bias, 1e-5, act=act, film_time=films[0], film_latent=films[1], p=p)
     y.backward(torch.ones_like(y))
     assert [launch[0].fn.__name__ for launch in launches] == names
