@@ -48,8 +48,13 @@ class GroupNorm32(nn.GroupNorm):
         super().__init__(GROUPS, channels)
         self.fused = False  # see set_fused_norm
 
+    def runs_fused(self, x: torch.Tensor) -> bool:
+        """Whether this norm of ``x`` (and what follows it) runs as :mod:`diffrig.models.fused_norm`'s
+        kernels: :func:`set_fused_norm` asked for them and they apply to ``x``."""
+        return self.fused and fused_norm.usable(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and fused_norm.usable(x):
+        if self.runs_fused(x):
             return fused_norm.norm_act(x, self.weight, self.bias, self.eps)
         return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
@@ -65,7 +70,7 @@ def set_fused_norm(module: nn.Module, enabled: bool = True) -> None:
 
 def norm_silu(norm: GroupNorm32, x: torch.Tensor) -> torch.Tensor:
     """``silu(norm(x))``, one pass with :func:`set_fused_norm`."""
-    if norm.fused and fused_norm.usable(x):
+    if norm.runs_fused(x):
         return fused_norm.norm_act(x, norm.weight, norm.bias, norm.eps, act=True)
     return F.silu(norm(x))
 
@@ -186,7 +191,7 @@ class ResBlock(nn.Module):
             x = self.resample(x)
         h = self.conv1(h)
         film_time, film_latent = self.time_emb_proj(F.silu(emb)), self.latent_emb_proj(F.silu(latent))
-        if self.norm2.fused and fused_norm.usable(h):
+        if self.norm2.runs_fused(h):
             h = fused_norm.norm_act(h, self.norm2.weight, self.norm2.bias, self.norm2.eps, act=True,
                                     film_time=film_time, film_latent=film_latent,
                                     p=self.dropout.p if self.training else 0.0)
