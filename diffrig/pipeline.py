@@ -547,9 +547,12 @@ class RigEditPipeline:
         (:func:`diffrig.models.blocks.set_fused_norm`), and the whole DDIM loop is replayed as one
         CUDA graph per batch shape (captured on first use). The DDIM arithmetic stays float32.
         Without CUDA only the precision setting applies."""
-        if compile and cuda_graphs and compile_mode in ("reduce-overhead", "max-autotune"):
-            raise DiffrigError(f"compile_mode {compile_mode!r} makes CUDA graphs of its own, inside the DDIM loop's: "
-                               "use max-autotune-no-cudagraphs, or cuda_graphs=False")
+        if compile:
+            from diffrig.training.step import mode_options  # the training side's check, not needed otherwise
+
+            if cuda_graphs and mode_options(compile_mode).get("triton.cudagraphs"):
+                raise DiffrigError(f"compile_mode {compile_mode!r} makes CUDA graphs of its own, inside the DDIM "
+                                   "loop's: use max-autotune-no-cudagraphs, or cuda_graphs=False")
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions once
         unet = self.model.unet
         if dtype not in (None, torch.float32):

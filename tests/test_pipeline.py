@@ -356,6 +356,8 @@ def test_fast_sampling_refuses_a_compile_mode_with_graphs_of_its_own_inside_the_
         pipeline.enable_fast_sampling(compile=True, compile_mode=mode)
     pipeline.enable_fast_sampling(compile=True, compile_mode=mode, cuda_graphs=False)  # compiled on first use
     assert hasattr(pipeline.denoiser.unet, "_orig_mod")  # a torch.compile wrapper
+    with pytest.raises(DiffrigError, match="unknown compile_mode 'turbo'"):
+        pipeline.enable_fast_sampling(compile=True, compile_mode="turbo")
 
 
 def train_tiny(steps=30):

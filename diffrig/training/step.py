@@ -62,15 +62,20 @@ def allow_cached_custom_functions() -> None:
 STEP_COMPILE_OPTIONS = {"realize_opcount_threshold": 100}
 
 
-def compile_options(mode: str, fast: bool) -> dict:
-    """The Inductor options of torch.compile ``mode``, with :data:`FAST_COMPILE_OPTIONS` when ``fast``,
-    else with :data:`STEP_COMPILE_OPTIONS`."""
+def mode_options(mode: str) -> dict:
+    """The Inductor options that torch.compile ``mode`` stands for (``triton.cudagraphs``: it makes CUDA
+    graphs of its own); an unknown mode raises DiffrigError."""
     try:
-        options = dict(list_mode_options(mode))
+        return dict(list_mode_options(mode))
     except (KeyError, RuntimeError):  # torch words an unknown mode as a RuntimeError from a KeyError
         raise DiffrigError(f"unknown compile_mode {mode!r}: use default, reduce-overhead, max-autotune, "
                            "max-autotune-no-cudagraphs") from None
-    return {**options, **(FAST_COMPILE_OPTIONS if fast else STEP_COMPILE_OPTIONS)}
+
+
+def compile_options(mode: str, fast: bool) -> dict:
+    """The Inductor options of torch.compile ``mode``, with :data:`FAST_COMPILE_OPTIONS` when ``fast``,
+    else with :data:`STEP_COMPILE_OPTIONS`."""
+    return {**mode_options(mode), **(FAST_COMPILE_OPTIONS if fast else STEP_COMPILE_OPTIONS)}
 
 
 class StepStats:
